@@ -1,0 +1,301 @@
+"""One typed configuration schema for both backends.
+
+A run is described by four frozen dataclasses (model, optim, data, run) read from a TOML file in
+`configs/` and then overridden from the command line with dotted flags (`--model.n_layer 6`).
+There is no exec-style configurator and no global state: `load_config(argv)` returns a `Config`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = "default"
+
+
+class ConfigError(ValueError):
+    """Bad configuration input; entry points print it on one line and exit with code 2."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 50257  # real tokens (GPT-2 BPE); targets are always < vocab_size
+    padded_vocab_size: int = 50304  # embedding rows; padding to a multiple of 64 speeds up matmuls
+    block_size: int = 128
+    n_layer: int = 4
+    n_head: int = 2
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = True
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    total_batch_size: int = 8192  # tokens per optimizer step, summed over ranks and micro-steps
+    micro_batch_size: int = 16  # sequences per rank (JAX: per device) per forward/backward
+    max_lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 20
+    max_steps: int = 300
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dir: str = "data/stdlib"  # folder of shards ({name}_train_*.bin / {name}_val_*.bin, or .npy)
+    val_tokens: int = 32768  # tokens scored per evaluation
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    seed: int = 1337
+    dtype: str = "fp32"  # fp32 | bf16 | fp16 (torch only, with GradScaler) | fp64 (parity)
+    compile: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+    devices: int = 0  # JAX: local devices in the data-parallel mesh (0 = all)
+    log_interval: int = 1
+    eval_interval: int = 50
+    sample_interval: int = 0  # 0 = sample only at the end
+    checkpoint_interval: int = 100
+    keep_checkpoints: int = 2  # last N kept, plus the best-val one
+    out_dir: str = "runs/default/{backend}"  # {backend} becomes torch or jax
+    sample_prompt: str = "Hello, I'm a language model,"
+    sample_tokens: int = 64
+    num_samples: int = 2
+    top_k: int = 50
+    temperature: float = 1.0
+    peak_tflops: float = 0.0  # MFU denominator; 0 = a stated default for the device and dtype
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+_SECTION_TYPES = {"model": ModelConfig, "optim": OptimConfig, "data": DataConfig, "run": RunConfig}
+DTYPES = ("fp32", "bf16", "fp16", "fp64")
+
+
+def _coerce(value: Any, default: Any, where: str) -> Any:
+    """Convert a TOML or CLI value to the type of the field's default."""
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if isinstance(default, int):
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, int):
+                return value
+            number = float(value)
+            if not number.is_integer():
+                raise ValueError
+            return int(number)
+        if isinstance(default, float):
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if isinstance(default, tuple):
+            items = value.split(",") if isinstance(value, str) else list(value)
+            if len(items) != len(default):
+                raise ValueError
+            return tuple(_coerce(v, d, where) for v, d in zip(items, default))
+        if isinstance(default, str):
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+    except (ValueError, TypeError):
+        pass
+    raise ConfigError(f"{where}: cannot read {value!r} as {type(default).__name__}")
+
+
+def _apply(cfg: Config, section: str, key: str, value: Any, where: str) -> Config:
+    if section not in _SECTION_TYPES:
+        raise ConfigError(f"{where}: unknown section '{section}' (expected one of {', '.join(_SECTION_TYPES)})")
+    sub = getattr(cfg, section)
+    names = {f.name for f in dataclasses.fields(sub)}
+    if key not in names:
+        raise ConfigError(f"{where}: unknown key '{section}.{key}'")
+    new_value = _coerce(value, getattr(sub, key), where)
+    return dataclasses.replace(cfg, **{section: dataclasses.replace(sub, **{key: new_value})})
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A preset name (`gpt2-124m`) or a path to a TOML file."""
+    p = Path(name_or_path)
+    if p.suffix == ".toml" or p.exists():
+        if not p.exists():
+            raise ConfigError(f"--config: file not found: {p}")
+        return p
+    preset = CONFIG_DIR / f"{name_or_path}.toml"
+    if not preset.exists():
+        known = ", ".join(sorted(q.stem for q in CONFIG_DIR.glob("*.toml")))
+        raise ConfigError(f"--config: no preset '{name_or_path}' (known: {known})")
+    return preset
+
+
+def load_toml(path: Path, cfg: Config | None = None) -> Config:
+    cfg = cfg or Config()
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    for section, table in data.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: top-level key '{section}' must be a [section] table")
+        for key, value in table.items():
+            cfg = _apply(cfg, section, key, value, f"{path}")
+    return cfg
+
+
+def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
+    """Apply `--section.key value` / `--section.key=value` pairs; anything else is an error."""
+    i = 0
+    overrides = list(overrides)
+    while i < len(overrides):
+        tok = overrides[i]
+        if not tok.startswith("--") or "." not in tok:
+            raise ConfigError(f"unrecognized argument '{tok}' (overrides look like --model.n_layer 6)")
+        if "=" in tok:
+            dotted, value = tok[2:].split("=", 1)
+            i += 1
+        else:
+            dotted = tok[2:]
+            nxt = overrides[i + 1] if i + 1 < len(overrides) else None
+            if nxt is None or nxt.startswith("--"):
+                # A bare boolean flag (`--run.compile`) means true.
+                section, _, key = dotted.partition(".")
+                if not isinstance(getattr(getattr(cfg, section, None), key, None), bool):
+                    raise ConfigError(f"--{dotted}: missing value")
+                value = "true"
+                i += 1
+            else:
+                value = nxt
+                i += 2
+        section, _, key = dotted.partition(".")
+        cfg = _apply(cfg, section, key, value, f"--{dotted}")
+    return cfg
+
+
+def validate(cfg: Config, world_size: int = 1) -> Config:
+    """Check relations between fields; `world_size` is data-parallel ranks (or JAX devices)."""
+    m, o, r = cfg.model, cfg.optim, cfg.run
+    for name in ("vocab_size", "padded_vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+        if getattr(m, name) <= 0:
+            raise ConfigError(f"model.{name} must be positive, got {getattr(m, name)}")
+    if m.n_embd % m.n_head:
+        raise ConfigError(f"model.n_embd ({m.n_embd}) is not divisible by model.n_head ({m.n_head})")
+    if m.padded_vocab_size < m.vocab_size:
+        raise ConfigError(
+            f"model.padded_vocab_size ({m.padded_vocab_size}) is smaller than model.vocab_size ({m.vocab_size})")
+    if m.vocab_size > 65535 + 1:
+        raise ConfigError(f"model.vocab_size ({m.vocab_size}) does not fit the uint16 shard format")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    if o.micro_batch_size <= 0 or o.total_batch_size <= 0:
+        raise ConfigError("optim.micro_batch_size and optim.total_batch_size must be positive")
+    per_micro = o.micro_batch_size * m.block_size * world_size
+    if o.total_batch_size % per_micro:
+        raise ConfigError(
+            f"optim.total_batch_size ({o.total_batch_size}) is not divisible by micro_batch_size × block_size × "
+            f"world size ({o.micro_batch_size} × {m.block_size} × {world_size} = {per_micro})")
+    if o.max_steps <= 0:
+        raise ConfigError(f"optim.max_steps must be positive, got {o.max_steps}")
+    if not 0 <= o.warmup_steps <= o.max_steps:
+        raise ConfigError(f"optim.warmup_steps ({o.warmup_steps}) must be in [0, max_steps={o.max_steps}]")
+    if o.min_lr > o.max_lr or o.max_lr <= 0:
+        raise ConfigError(f"optim.min_lr ({o.min_lr}) must be ≤ optim.max_lr ({o.max_lr}), and max_lr > 0")
+    if not all(0.0 <= b < 1.0 for b in o.betas):
+        raise ConfigError(f"optim.betas must be in [0, 1), got {o.betas}")
+    if r.dtype not in DTYPES:
+        raise ConfigError(f"run.dtype must be one of {', '.join(DTYPES)}, got '{r.dtype}'")
+    if r.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"run.device must be auto, cpu or cuda, got '{r.device}'")
+    for name in ("log_interval", "eval_interval", "checkpoint_interval", "sample_interval", "keep_checkpoints",
+                 "devices"):
+        if getattr(r, name) < 0:
+            raise ConfigError(f"run.{name} must be ≥ 0, got {getattr(r, name)}")
+    if cfg.data.val_tokens < 0:
+        raise ConfigError(f"data.val_tokens must be ≥ 0, got {cfg.data.val_tokens}")
+    return cfg
+
+
+def grad_accum_steps(cfg: Config, world_size: int = 1) -> int:
+    o = cfg.optim
+    return o.total_batch_size // (o.micro_batch_size * cfg.model.block_size * world_size)
+
+
+def model_shape_diff(a: ModelConfig, b: ModelConfig) -> list[str]:
+    """Fields that change the parameter shapes or the function computed (refused on resume)."""
+    return [f"model.{f.name}" for f in dataclasses.fields(ModelConfig)
+            if f.name != "dropout" and getattr(a, f.name) != getattr(b, f.name)]
+
+
+def config_from_dict(d: dict[str, Any]) -> Config:
+    """Inverse of `Config.to_dict` (used to read the config stored in a checkpoint)."""
+    cfg = Config()
+    for section, table in d.items():
+        for key, value in table.items():
+            cfg = _apply(cfg, section, key, value, "checkpoint config")
+    return cfg
+
+
+@dataclass
+class Args:
+    config: Config
+    config_path: Path
+    resume: str | None  # None: fresh run; "latest": newest checkpoint in run.out_dir; else a path
+    extra: dict[str, Any]
+
+
+def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description,
+                                epilog="Any config field can be overridden: --model.n_layer 6 --run.dtype bf16 ...")
+    p.add_argument("--config", default=DEFAULT_CONFIG,
+                   help="preset name in configs/ (default, gpt2-124m, gpt2-350m, ...) or a TOML path")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None, prog: str, description: str,
+               parser: argparse.ArgumentParser | None = None) -> Args:
+    """Parse `--config`, `--resume [path]`, extra flags of `parser`, and dotted overrides."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = parser or build_parser(prog, description)
+    if not any(a.option_strings == ["--resume"] for a in parser._actions):
+        parser.add_argument("--resume", nargs="?", const="latest", default=None,
+                            help="continue from the newest checkpoint in run.out_dir, or from the given path")
+    ns, rest = parser.parse_known_args(argv)
+    path = resolve_config_path(ns.config)
+    cfg = apply_overrides(load_toml(path), rest)
+    extra = {k: v for k, v in vars(ns).items() if k not in ("config", "resume")}
+    return Args(config=cfg, config_path=path, resume=ns.resume, extra=extra)
+
+
+def config_lines(cfg: Config) -> list[str]:
+    return [f"{sec}.{k} = {v!r}" for sec, sub in cfg.to_dict().items() for k, v in sub.items()]

@@ -1,0 +1,114 @@
+"""Hugging Face GPT-2 folders (`config.json` + `model.safetensors`) to and from common weights.
+
+Reads the layout of openai-community/gpt2 (keys without a prefix, plus `attn.bias` mask buffers)
+and of `GPT2LMHeadModel.save_pretrained` (keys under `transformer.`, tied `lm_head` omitted).
+Writes the latter, which `transformers` loads back with `from_pretrained(folder)`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from common.config import ModelConfig
+from common.names import check_weights, param_shapes
+
+SKIPPED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers, not parameters
+
+
+class HFError(ValueError):
+    """A folder that is not a usable GPT-2 checkpoint; the message names the file."""
+
+
+def _pad_to(n: int, multiple: int = 64) -> int:
+    return (n + multiple - 1) // multiple * multiple
+
+
+def config_from_hf(hf: dict, source: str, padded_vocab_size: int | None = None) -> ModelConfig:
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise HFError(f"{source}: model_type is {hf.get('model_type')!r}, expected 'gpt2'")
+    act = hf.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise HFError(f"{source}: activation_function {act!r} is not GPT-2's tanh GELU")
+    if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
+        raise HFError(f"{source}: n_inner {hf['n_inner']} is not 4 × n_embd")
+    if abs(hf.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12:
+        raise HFError(f"{source}: layer_norm_epsilon {hf['layer_norm_epsilon']} is not 1e-5")
+    vocab = int(hf["vocab_size"])
+    return ModelConfig(vocab_size=vocab, padded_vocab_size=padded_vocab_size or _pad_to(vocab),
+                       block_size=int(hf["n_positions"]), n_layer=int(hf["n_layer"]), n_head=int(hf["n_head"]),
+                       n_embd=int(hf["n_embd"]), dropout=0.0, bias=True)
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    return {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "activation_function": "gelu_new",
+        "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_ctx": cfg.block_size,
+        "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": None,
+        "layer_norm_epsilon": 1e-5, "initializer_range": 0.02, "resid_pdrop": cfg.dropout,
+        "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout, "tie_word_embeddings": True,
+        "bos_token_id": 50256, "eos_token_id": 50256, "scale_attn_weights": True,
+    }
+
+
+def is_hf_folder(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return (p / "config.json").is_file() and (p / "model.safetensors").is_file()
+
+
+def load_hf_folder(path: str | os.PathLike, padded_vocab_size: int | None = None
+                   ) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    """Common weights (float32, vocab rows zero-padded) and the model config of a GPT-2 folder."""
+    from safetensors.numpy import load_file
+
+    folder = Path(path)
+    cfg_path, st_path = folder / "config.json", folder / "model.safetensors"
+    for p in (cfg_path, st_path):
+        if not p.is_file():
+            raise HFError(f"{p}: missing (a GPT-2 folder holds config.json and model.safetensors)")
+    try:
+        hf_cfg = json.loads(cfg_path.read_text())
+        cfg = config_from_hf(hf_cfg, str(cfg_path), padded_vocab_size)
+    except (json.JSONDecodeError, KeyError) as e:
+        raise HFError(f"{cfg_path}: not a GPT-2 config ({e})") from None
+    try:
+        raw = load_file(str(st_path))
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise HFError(f"{st_path}: cannot read safetensors ({e})") from None
+    weights = {}
+    for key, value in raw.items():
+        name = key.removeprefix("transformer.")
+        if name == "lm_head.weight" or name.endswith(SKIPPED_SUFFIXES):
+            continue  # lm_head is tied to wte; masks are rebuilt by the model
+        weights[name] = np.asarray(value, dtype=np.float32)
+    if "wte.weight" in weights and cfg.padded_vocab_size > cfg.vocab_size:
+        wte = weights["wte.weight"]
+        pad = np.zeros((cfg.padded_vocab_size - wte.shape[0], wte.shape[1]), dtype=np.float32)
+        weights["wte.weight"] = np.concatenate([wte, pad])
+    try:
+        check_weights(weights, cfg, str(st_path))
+    except ValueError as e:
+        raise HFError(str(e)) from None
+    return cfg, weights
+
+
+def save_hf_folder(path: str | os.PathLike, cfg: ModelConfig, weights: dict[str, np.ndarray]) -> Path:
+    """Write a folder `transformers.GPT2LMHeadModel.from_pretrained` loads (padded vocab rows cropped)."""
+    from safetensors.numpy import save_file
+
+    check_weights(weights, cfg, "export")
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name in param_shapes(cfg):
+        value = np.ascontiguousarray(weights[name], dtype=np.float32)
+        if name == "wte.weight":
+            value = np.ascontiguousarray(value[:cfg.vocab_size])
+        tensors[f"transformer.{name}"] = value
+    tmp = folder / "model.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2) + "\n")
+    return folder

@@ -1,0 +1,228 @@
+"""The training loop, written once for both backends (see common/backend.py for what they provide).
+
+Logging, evaluation, sampling and checkpoint intervals, the non-finite stop, resume and the
+metrics records are all here, so `python -m torch_impl.train` and `python -m jax_impl.train` behave
+the same by construction and differ only inside `backend.train_step` and friends.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from common.backend import Backend, DistInfo
+from common.checkpoints import CheckpointError, code_version
+from common.config import (Config, ConfigError, DataConfig, build_parser, config_from_dict, model_shape_diff,
+                           parse_args, validate)
+from common.data import DataError, DataLoader, val_batches
+from common.hf import HFError
+from common.plan import flops_per_token, plan_lines
+from common.records import MetricsLog, format_line
+from common.shards import ShardError
+
+INPUT_ERRORS = (ConfigError, DataError, ShardError, CheckpointError, HFError)
+
+
+class NonFiniteError(RuntimeError):
+    """Loss or gradient norm became NaN/inf; the message names the step."""
+
+
+@dataclass
+class TrainResult:
+    state: Any
+    records: list[dict[str, Any]]
+    dist: DistInfo
+    out_dir: Path
+    checkpoint: Path | None = None
+    samples: list[str] = field(default_factory=list)
+
+
+def resolve_out_dir(cfg: Config, backend: Backend) -> Path:
+    """`{backend}` in run.out_dir lets one config hold a torch and a jax run side by side."""
+    return Path(cfg.run.out_dir.replace("{backend}", backend.name))
+
+
+def ensure_data(cfg: Config, log: Callable[..., None]) -> None:
+    """Prepare the embedded default corpus on first use; any other folder must already exist."""
+    folder = Path(cfg.data.dir)
+    if folder.resolve() != Path(DataConfig().dir).resolve() or (folder / "manifest.json").exists():
+        return
+    rank = int(os.environ.get("RANK", os.environ.get("JAX_PROCESS_ID", "0")))
+    if rank == 0:
+        from common.prepare import ensure_default_data
+        log(f"preparing the default corpus (Python {sys.version.split()[0]} standard library) into {folder} ...")
+        ensure_default_data(str(folder))
+    else:  # other ranks wait for rank 0's manifest rather than tokenizing the same files again
+        deadline = time.time() + 3600
+        while not (folder / "manifest.json").exists():
+            if time.time() > deadline:
+                raise DataError(f"{folder}: timed out waiting for rank 0 to prepare the default corpus")
+            time.sleep(1)
+
+
+def _check_resumable(saved: dict[str, Any], cfg: Config, path: Path) -> None:
+    saved_cfg = config_from_dict(saved["config"])
+    changed = model_shape_diff(saved_cfg.model, cfg.model)
+    if changed:
+        a, b = changed[0].split(".")[1], changed[0]
+        raise CheckpointError(f"{path}: cannot resume with a different {b} "
+                              f"(checkpoint {getattr(saved_cfg.model, a)}, config {getattr(cfg.model, a)})")
+    if saved_cfg.optim.total_batch_size != cfg.optim.total_batch_size:
+        raise CheckpointError(f"{path}: cannot resume with a different optim.total_batch_size "
+                              f"(checkpoint {saved_cfg.optim.total_batch_size}, config {cfg.optim.total_batch_size})")
+
+
+def _sample_texts(backend: Backend, state: Any, cfg: Config) -> list[str]:
+    from common.tokenizer import EOT, decode, encode
+
+    r = cfg.run
+    prompt = encode(r.sample_prompt) if r.sample_prompt else [EOT]
+    rows: list[list[int]] = [[] for _ in range(r.num_samples)]
+    for tokens in backend.generate(state, prompt, r.num_samples, r.sample_tokens, r.temperature, r.top_k, r.seed):
+        for row, t in zip(rows, tokens):
+            row.append(int(t))
+    return [r.sample_prompt + decode(row) for row in rows]
+
+
+def _eta(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def train(backend: Backend, cfg: Config, resume: str | None = None, weights: dict | None = None,
+          log: Callable[..., None] = print) -> TrainResult:
+    """Run (or continue) training as configured; see the module docstring."""
+    dist = backend.setup(cfg)
+    cfg = validate(cfg, dist.data_parallel_size)
+    say = log if dist.is_main else (lambda *a, **k: None)
+    ensure_data(cfg, say)
+    out_dir = resolve_out_dir(cfg, backend)
+    o, r = cfg.optim, cfg.run
+    loader = DataLoader(cfg.data.dir, batch_size=o.micro_batch_size * dist.local_replicas,
+                        block_size=cfg.model.block_size, total_batch_size=o.total_batch_size,
+                        rank=dist.process_index, world_size=dist.process_count, seed=r.seed,
+                        vocab_size=cfg.model.vocab_size)
+
+    def evaluate(state: Any) -> float:
+        return float(backend.evaluate(state, val_batches(
+            cfg.data.dir, o.micro_batch_size * dist.local_replicas, cfg.model.block_size, cfg.data.val_tokens,
+            rank=dist.process_index, world_size=dist.process_count, vocab_size=cfg.model.vocab_size)))
+
+    history: list[dict[str, Any]] = []
+    start = 0
+    if resume is not None:
+        path = out_dir if resume == "latest" else Path(resume)
+        if resume == "latest" and backend.latest_checkpoint(out_dir) is None:
+            raise CheckpointError(f"{out_dir}: no checkpoint to resume from")
+        state, meta = backend.load_checkpoint(path, cfg, dist)
+        _check_resumable(meta, cfg, path)
+        loader.load_state_dict(meta["loader"])
+        start, history = int(meta["step"]), list(meta.get("history", []))
+        say(f"resumed from {path} at step {start}")
+    else:
+        latest = backend.latest_checkpoint(out_dir)
+        if latest is not None:
+            raise CheckpointError(f"{out_dir} already holds checkpoints (newest: {latest.name}); pass --resume to "
+                                  f"continue that run or --run.out_dir for a new one")
+        state = backend.init_state(cfg, dist, weights)
+
+    for line in plan_lines(cfg, dist.data_parallel_size, loader.stream.epoch_tokens):
+        say(line)
+    peak, peak_source = backend.peak_flops(cfg, dist)
+    say(f"backend: {backend.name} on {dist.device} ({dist.data_parallel_size} replicas, "
+        f"{dist.process_count} processes), dtype {r.dtype}, compile {r.compile}; "
+        f"MFU against {peak / 1e12:.3g} TFLOP/s per replica ({peak_source})")
+    say(f"output: {out_dir}")
+
+    metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step=start if resume is not None else None) \
+        if dist.is_main else None
+    flops_tok = flops_per_token(cfg.model)
+    val_loss = None
+    checkpoint = None
+    run_start = time.perf_counter()
+    last = time.perf_counter()
+    steady: list[float] = []
+    tokens = start * o.total_batch_size
+    for step in range(start, o.max_steps):
+        x, y = loader.next_step()
+        state, m = backend.train_step(state, x, y)
+        loss, norm, lr = float(m["loss"]), float(m["grad_norm"]), float(m["lr"])
+        now = time.perf_counter()
+        dt, last = now - last, now
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            good = backend.latest_checkpoint(out_dir)
+            raise NonFiniteError(f"step {step}: loss {loss} / grad norm {norm} is not finite; training stopped "
+                                 f"(last good checkpoint: {good if good else 'none'})")
+        tokens += o.total_batch_size
+        tok_s = o.total_batch_size / dt
+        if step - start >= 2:  # the first steps include compilation and warm-up
+            steady.append(dt)
+        rec = {"backend": backend.name, "step": step, "loss": loss, "lr": lr, "grad_norm": norm,
+               "ms": dt * 1e3, "tokens_per_s": tok_s, "mfu": flops_tok * tok_s / (peak * dist.data_parallel_size),
+               "tokens": tokens, "elapsed_s": now - run_start}
+        done = step + 1
+        if cfg.data.val_tokens and r.eval_interval and (done % r.eval_interval == 0 or done == o.max_steps):
+            val_loss = rec["val_loss"] = evaluate(state)
+            last = time.perf_counter()  # evaluation time is not training throughput
+        history.append(rec)
+        if metrics:
+            metrics.write(rec)
+        if r.log_interval and (step % r.log_interval == 0 or "val_loss" in rec or done == o.max_steps):
+            eta = (o.max_steps - done) * (sum(steady) / len(steady) if steady else dt)
+            say(format_line(rec, o.max_steps) + f" | eta {_eta(eta)}" +
+                (" (includes compile)" if step == start else ""))
+        if r.sample_interval and done % r.sample_interval == 0 and done != o.max_steps:
+            for text in _sample_texts(backend, state, cfg):
+                say(f"sample> {text!r}")
+            last = time.perf_counter()
+        if r.checkpoint_interval and (done % r.checkpoint_interval == 0 or done == o.max_steps):
+            meta = {"step": done, "backend": backend.name, "config": cfg.to_dict(), "loader": loader.state_dict(),
+                    "history": history, "code_version": code_version(), "val_loss": rec.get("val_loss")}
+            checkpoint = backend.save_checkpoint(state, out_dir, done, meta, rec.get("val_loss")) or checkpoint
+            last = time.perf_counter()
+
+    if steady:
+        mean_tok_s = o.total_batch_size * len(steady) / sum(steady)
+        say(f"done: {o.max_steps - start} steps in {time.perf_counter() - run_start:.1f} s; "
+            f"{mean_tok_s:,.0f} tok/s after warm-up; final val loss {val_loss if val_loss is None else round(val_loss, 4)}")
+    samples = []
+    if r.num_samples and r.sample_tokens and start < o.max_steps:
+        samples = _sample_texts(backend, state, cfg)
+        for text in samples:
+            say(f"sample> {text}")
+    return TrainResult(state=state, records=history, dist=dist, out_dir=out_dir, checkpoint=checkpoint,
+                       samples=samples)
+
+
+def main(backend: Backend, argv: Sequence[str] | None = None) -> int:
+    prog = f"python -m {backend.name}_impl.train"
+    description = f"Train GPT-2 with the {backend.name} backend (no arguments: the default CPU run)."
+    parser = build_parser(prog, description)
+    add_arguments = getattr(backend, "add_arguments", None)
+    if add_arguments:
+        add_arguments(parser)
+    try:
+        args = parse_args(argv, prog, description, parser)
+        cfg = args.config
+        apply_arguments = getattr(backend, "apply_arguments", None)
+        if apply_arguments:
+            cfg = apply_arguments(args.extra, cfg)
+        print(f"config: {args.config_path}")
+        train(backend, cfg, resume=args.resume)
+        return 0
+    except INPUT_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; the last checkpoint is kept", file=sys.stderr)
+        return 130
+    finally:
+        backend.teardown()
+

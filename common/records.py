@@ -1,0 +1,52 @@
+"""The metrics record both trainers write (JSON lines) and the console line they print.
+
+One line per optimizer step: {"backend", "step", "loss", "lr", "grad_norm", "ms", "tokens_per_s",
+"mfu", "tokens", "elapsed_s"} and "val_loss" on the steps where it was measured. `step` is the
+0-based index of the optimizer step; `tokens` counts tokens trained on after it.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+RECORD_FIELDS = ("backend", "step", "loss", "lr", "grad_norm", "ms", "tokens_per_s", "mfu", "tokens",
+                 "elapsed_s", "val_loss")
+
+
+class MetricsLog:
+    """Appends records to `path`; on resume, lines past the resumed step are dropped first."""
+
+    def __init__(self, path: str | Path, resume_step: int | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.write_text("")
+        elif self.path.exists():
+            kept = [r for r in read_records(self.path) if r.get("step", -1) < resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    records = []
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            records.append(json.loads(line))
+    return records
+
+
+def format_line(rec: dict[str, Any], max_steps: int) -> str:
+    width = len(str(max_steps))
+    parts = [f"step {rec['step'] + 1:>{width}}/{max_steps}", f"loss {rec['loss']:.4f}"]
+    if rec.get("val_loss") is not None:
+        parts.append(f"val {rec['val_loss']:.4f}")
+    parts += [f"lr {rec['lr']:.2e}", f"norm {rec['grad_norm']:.3f}", f"{rec['ms']:.1f} ms",
+              f"{rec['tokens_per_s']:,.0f} tok/s"]
+    if rec.get("mfu") is not None and math.isfinite(rec["mfu"]):
+        parts.append(f"MFU {100 * rec['mfu']:.1f}%")
+    return " | ".join(parts)

@@ -1,0 +1,104 @@
+import dataclasses
+import math
+
+import pytest
+
+from common.config import (CONFIG_DIR, Config, ConfigError, apply_overrides, config_from_dict, grad_accum_steps,
+                           load_toml, model_shape_diff, parse_args, resolve_config_path, validate)
+from common.plan import flops_per_token, main as plan_main, make_plan, num_params
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.toml")), ids=lambda p: p.stem)
+def test_every_shipped_config_loads_and_validates(path):
+    cfg = load_toml(path)
+    validate(cfg)
+
+
+def test_gpt2_124m_preset_matches_build_nanogpt():
+    cfg = load_toml(resolve_config_path("gpt2-124m"))
+    m, o = cfg.model, cfg.optim
+    assert (m.n_layer, m.n_head, m.n_embd, m.block_size, m.padded_vocab_size) == (12, 12, 768, 1024, 50304)
+    assert (o.total_batch_size, o.max_lr, o.min_lr, o.warmup_steps, o.max_steps) == (524288, 6e-4, 6e-5, 715, 19073)
+    assert (o.weight_decay, o.betas, o.eps, o.grad_clip) == (0.1, (0.9, 0.95), 1e-8, 1.0)
+    assert grad_accum_steps(cfg, world_size=8) == 1 and grad_accum_steps(cfg, world_size=1) == 8
+
+
+def test_dotted_overrides_set_typed_values():
+    cfg = apply_overrides(Config(), ["--model.n_layer", "6", "--optim.max_lr=3e-4", "--run.compile",
+                                     "--optim.betas", "0.8,0.99", "--run.dtype", "bf16"])
+    assert cfg.model.n_layer == 6 and isinstance(cfg.model.n_layer, int)
+    assert cfg.optim.max_lr == 3e-4 and cfg.run.compile is True
+    assert cfg.optim.betas == (0.8, 0.99) and cfg.run.dtype == "bf16"
+
+
+def test_parse_args_reads_preset_then_overrides_and_resume():
+    args = parse_args(["--config", "gpt2-124m", "--model.n_layer", "2", "--resume"], "prog", "desc")
+    assert args.config.model.n_layer == 2 and args.config.model.n_embd == 768
+    assert args.resume == "latest"
+    args = parse_args(["--resume", "runs/x/checkpoints/step_00000010"], "prog", "desc")
+    assert args.resume == "runs/x/checkpoints/step_00000010" and args.config.model.n_layer == 4
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model.n_layers", "6"], "unknown key 'model.n_layers'"),
+    (["--modle.n_layer", "6"], "unknown section 'modle'"),
+    (["--model.n_layer", "six"], "--model.n_layer: cannot read 'six' as int"),
+    (["--model.n_layer"], "--model.n_layer: missing value"),
+    (["stray"], "unrecognized argument 'stray'"),
+])
+def test_bad_overrides_name_the_flag(argv, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        apply_overrides(Config(), argv)
+
+
+def test_unknown_key_in_file_names_file_and_key(tmp_path):
+    p = tmp_path / "bad.toml"
+    p.write_text("[model]\nn_layers = 3\n")
+    with pytest.raises(ConfigError, match=r"bad.toml: unknown key 'model.n_layers'"):
+        load_toml(p)
+
+
+def test_missing_preset_lists_known_ones():
+    with pytest.raises(ConfigError, match="no preset 'gpt9'.*default"):
+        resolve_config_path("gpt9")
+
+
+@pytest.mark.parametrize("changes, world, message", [
+    ({"model": {"n_embd": 130, "n_head": 4}}, 1, r"n_embd \(130\) is not divisible by model.n_head \(4\)"),
+    ({"optim": {"total_batch_size": 4000}}, 1, r"total_batch_size \(4000\) is not divisible"),
+    ({}, 3, r"world size \(16 × 128 × 3 = 6144\)"),
+    ({"model": {"padded_vocab_size": 100}}, 1, r"padded_vocab_size \(100\) is smaller"),
+    ({"optim": {"warmup_steps": 500}}, 1, r"warmup_steps \(500\)"),
+    ({"run": {"dtype": "fp8"}}, 1, "run.dtype must be one of"),
+])
+def test_validation_messages(changes, world, message):
+    cfg = load_toml(resolve_config_path("default"))
+    for section, fields in changes.items():
+        cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **fields)})
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg, world)
+
+
+def test_config_dict_round_trip_and_shape_diff():
+    cfg = apply_overrides(Config(), ["--model.n_layer", "3", "--optim.betas", "0.5,0.6"])
+    assert config_from_dict(cfg.to_dict()) == cfg
+    other = apply_overrides(cfg, ["--model.n_embd", "64", "--optim.max_steps", "7"])
+    assert model_shape_diff(cfg.model, other.model) == ["model.n_embd"]
+
+
+def test_plan_figures_for_124m():
+    cfg = load_toml(resolve_config_path("gpt2-124m"))
+    # 124,439,808 is GPT-2 small with 50257 rows; padding to 50304 adds 47 × 768.
+    assert num_params(cfg.model) == 124_439_808 + 47 * 768
+    n = num_params(cfg.model, include_wpe=False)
+    assert flops_per_token(cfg.model) == 6 * n + 12 * 12 * 768 * 1024
+    plan = make_plan(cfg, world_size=8)
+    assert plan.grad_accum == 1 and plan.chinchilla_tokens == 20 * num_params(cfg.model)
+
+
+def test_plan_cli(capsys):
+    assert plan_main(["--config", "gpt2-124m", "--world-size", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "124.48M" in out and "8 replicas × 1 accumulation steps" in out and "meets" in out
+    assert plan_main(["--model.n_head", "3"]) == 2
+    assert "not divisible by model.n_head (3)" in capsys.readouterr().err
