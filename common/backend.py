@@ -43,9 +43,11 @@ class Backend(Protocol):
     def teardown(self) -> None:
         """Destroy the process group or shut jax.distributed down; safe to call twice."""
 
-    def init_state(self, cfg: Config, dist: DistInfo, weights: dict[str, np.ndarray] | None = None) -> Any:
+    def init_state(self, cfg: Config, dist: DistInfo, weights: dict[str, np.ndarray] | None = None,
+                   moments: dict[str, Any] | None = None) -> Any:
         """Model + optimizer (+ scaler, RNG) at step 0; from `weights` (common layout) when given,
-        else the GPT-2 init seeded with cfg.run.seed."""
+        else the GPT-2 init seeded with cfg.run.seed. `moments` ({"step": int, "m": {name: array},
+        "v": {name: array}}, as optimizer_moments returns) restores AdamW's state and step counter."""
 
     def train_step(self, state: Any, x: np.ndarray, y: np.ndarray) -> tuple[Any, dict[str, Any]]:
         """One optimizer step on this process's micro-batches x, y of shape (accum, rows, T) (int32).
@@ -81,3 +83,17 @@ class Backend(Protocol):
 
     def peak_flops(self, cfg: Config, dist: DistInfo) -> tuple[float, str]:
         """(FLOP/s per replica for MFU, a description of where the figure comes from)."""
+
+
+class ParityHooks(Protocol):
+    """Extra views the parity suite needs, beyond training (both backends' BACKEND provide them)."""
+
+    def logits(self, state: Any, x: np.ndarray) -> np.ndarray:
+        """(B, T, vocab_size) logits of the model in eval mode, real-vocab columns only, as numpy."""
+
+    def grads(self, state: Any, x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
+        """Gradient of the step's mean loss for x, y of shape (accum, rows, T), as common-named numpy
+        arrays, before clipping and without changing the state."""
+
+    def optimizer_moments(self, state: Any) -> dict[str, Any]:
+        """AdamW's state as {"step": optimizer steps taken, "m": {name: array}, "v": {name: array}}."""

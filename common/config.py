@@ -299,3 +299,21 @@ def parse_args(argv: Sequence[str] | None, prog: str, description: str,
 
 def config_lines(cfg: Config) -> list[str]:
     return [f"{sec}.{k} = {v!r}" for sec, sub in cfg.to_dict().items() for k, v in sub.items()]
+
+
+def dump_toml(cfg: Config) -> str:
+    """The config as TOML that load_toml reads back to an equal Config (for child processes, run folders)."""
+    def fmt(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (tuple, list)):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+        return repr(v)
+    lines = []
+    for section, table in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {fmt(v)}" for k, v in table.items()]
+        lines.append("")
+    return "\n".join(lines)

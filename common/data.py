@@ -116,13 +116,17 @@ class DataLoader:
             self.step, self.micro_step = self.step + 1, 0
         return x, y
 
+    def step_batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """All of this rank's micro-batches of optimizer step `step`, shaped (accum, B, T)."""
+        xs, ys = zip(*(self.micro_batch(step, m) for m in range(self.accum)))
+        return np.stack(xs), np.stack(ys)
+
     def next_step(self) -> tuple[np.ndarray, np.ndarray]:
-        """All of this rank's micro-batches of the next optimizer step, shaped (accum, B, T)."""
         if self.micro_step:
             raise DataError("next_step() called in the middle of an optimizer step")
-        xs, ys = zip(*(self.micro_batch(self.step, m) for m in range(self.accum)))
+        batch = self.step_batch(self.step)
         self.step += 1
-        return np.stack(xs), np.stack(ys)
+        return batch
 
     def state_dict(self) -> dict[str, int]:
         """Where the current optimizer step starts, plus the micro-step within it."""

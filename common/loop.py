@@ -120,8 +120,11 @@ def train(backend: Backend, cfg: Config, resume: str | None = None, weights: dic
             raise CheckpointError(f"{out_dir}: no checkpoint to resume from")
         state, meta = backend.load_checkpoint(path, cfg, dist)
         _check_resumable(meta, cfg, path)
-        loader.load_state_dict(meta["loader"])
         start, history = int(meta["step"]), list(meta.get("history", []))
+        if meta.get("loader"):
+            loader.load_state_dict(meta["loader"])
+        else:  # converted from weights alone: the data order still follows from the step
+            loader.step = start
         say(f"resumed from {path} at step {start}")
     else:
         latest = backend.latest_checkpoint(out_dir)

@@ -102,3 +102,12 @@ def test_plan_cli(capsys):
     assert "124.48M" in out and "8 replicas × 1 accumulation steps" in out and "meets" in out
     assert plan_main(["--model.n_head", "3"]) == 2
     assert "not divisible by model.n_head (3)" in capsys.readouterr().err
+
+
+def test_dump_toml_round_trips(tmp_path):
+    cfg = apply_overrides(load_toml(resolve_config_path("gpt2-124m")),
+                          ["--run.sample_prompt", 'say "hi"\n', "--optim.betas", "0.8,0.9"])
+    path = tmp_path / "c.toml"
+    from common.config import dump_toml
+    path.write_text(dump_toml(cfg))
+    assert load_toml(path) == cfg

@@ -1,0 +1,174 @@
+import hashlib
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from common import prepare as P
+from common.shards import read_header, read_shard
+from common.tokenizer import EOT, encode
+
+DOCS = ["Hello world", "Second document.\nWith two lines.", "<|endoftext|> is text here", "", "中文 🚀"]
+
+
+def expected_stream(texts):
+    return [t for text in texts for t in [EOT] + encode(text)]
+
+
+def read_all(folder):
+    m = json.loads((folder / "manifest.json").read_text())
+    return m, np.concatenate([read_shard(folder / s["file"]) for s in m["shards"]]).tolist()
+
+
+@pytest.fixture
+def txt_dir(tmp_path):
+    src = tmp_path / "corpus"
+    (src / "sub").mkdir(parents=True)
+    for i, text in enumerate(DOCS):  # names sort in DOCS order, one in a subfolder
+        (src / ("sub" if i == 4 else ".") / f"{i}.txt").write_text(text, encoding="utf-8")
+    (src / "ignored.bin").write_bytes(b"\xff")
+    return src
+
+
+def run(*argv):
+    return P.main([*map(str, argv)])
+
+
+def error_line(capsys):
+    """The one line the CLI printed for an error (the progress bar may precede it on stderr)."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_txt_folder(tmp_path, txt_dir):
+    out = tmp_path / "out"
+    assert run("--input", txt_dir, "--out", out, "--val-tokens", 5, "--shard-size", 7, "--workers", 1) == 0
+    m, stream = read_all(out)
+    want = expected_stream(DOCS)
+    assert stream == want
+    assert m["name"] == "corpus"
+    names = [s["file"] for s in m["shards"]]
+    assert names[0] == "corpus_val_000000.bin" and names[1] == "corpus_train_000001.bin"
+    assert [s["split"] for s in m["shards"]] == ["val"] + ["train"] * (len(names) - 1)
+    full, rest = divmod(len(want) - 5, 7)
+    assert [s["tokens"] for s in m["shards"]] == [5] + [7] * full + ([rest] if rest else [])
+    for s in m["shards"]:
+        data = (out / s["file"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == s["sha256"]
+        assert s["documents"] == int(np.count_nonzero(read_shard(out / s["file"]) == EOT))
+        assert read_header(out / s["file"]).vocab_size == 50257
+    assert m["totals"] == {"documents": len(DOCS), "tokens": len(want), "shards": len(names),
+                           "val_tokens": 5, "train_tokens": len(want) - 5}
+    assert m["tokenizer"]["ranks_sha256"] == "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+    assert m["python"] and m["source"]["kind"] == "files"
+
+
+def test_jsonl_and_parquet(tmp_path):
+    jl = tmp_path / "a.jsonl"
+    jl.write_text("\n".join(json.dumps({"body": t, "id": i}) for i, t in enumerate(DOCS[:3])) + "\n\n")
+    pqf = tmp_path / "b.parquet"
+    pq.write_table(pa.table({"body": DOCS[3:] + [None], "id": [1, 2, 3]}), pqf, row_group_size=1)
+    out = tmp_path / "out"
+    assert run("--input", jl, pqf, "--text-field", "body", "--out", out, "--name", "mix", "--val-tokens", 4,
+               "--workers", 1) == 0
+    m, stream = read_all(out)
+    assert stream == expected_stream(DOCS)
+    assert [s["file"] for s in m["shards"]] == ["mix_val_000000.bin", "mix_train_000001.bin"]
+    assert m["totals"]["documents"] == len(DOCS)
+
+
+def test_worker_count_does_not_change_bytes(tmp_path, monkeypatch):
+    monkeypatch.setattr(P, "CHUNK_CHARS", 40)  # many chunks, so both workers get some
+    texts = [f"document {i}: " + "lorem ipsum " * (i % 7) for i in range(200)]
+    outs = []
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        P.prepare(texts, out, "d", shard_size=300, val_tokens=100, workers=workers, verbose=False)
+        outs.append(out)
+    files = sorted(p.name for p in outs[0].iterdir() if p.suffix == ".bin")
+    assert len(files) > 3 and files == sorted(p.name for p in outs[1].iterdir() if p.suffix == ".bin")
+    for f in files:
+        assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes()
+    assert read_all(outs[0])[1] == expected_stream(texts)
+
+
+def test_rerun_is_noop_and_interrupted_run_completes(tmp_path, txt_dir, capsys):
+    out = tmp_path / "out"
+    args = ("--input", txt_dir, "--out", out, "--val-tokens", 5, "--shard-size", 7, "--workers", 1)
+    assert run(*args) == 0
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()}
+    capsys.readouterr()
+    assert run(*args) == 0
+    assert "already prepared" in capsys.readouterr().out
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()} == before
+
+    (out / "manifest.json").unlink()  # as if killed before the end
+    (out / "corpus_train_000002.bin").unlink()
+    (out / "corpus_train_000003.bin.tmp").write_bytes(b"partial")
+    (out / "corpus_train_000099.bin").write_bytes(b"stale")
+    assert run(*args) == 0
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert after == {name: data for name, (_, data) in before.items()}
+
+
+def test_missing_input_exit_2(tmp_path, capsys):
+    missing = tmp_path / "nope.txt"
+    assert run("--input", missing, "--out", tmp_path / "out") == 2
+    assert "nope.txt" in error_line(capsys)
+
+
+def test_parquet_without_text_column_exit_2(tmp_path, capsys):
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"content": ["x"]}), bad)
+    assert run("--input", bad, "--out", tmp_path / "out") == 2
+    err = error_line(capsys)
+    assert "bad.parquet" in err and "'text'" in err
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_bad_jsonl_line_exit_2(tmp_path, capsys, workers):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{not json\n')
+    out = tmp_path / "out"
+    assert run("--input", bad, "--out", out, "--workers", workers) == 2
+    assert "bad.jsonl:2: not valid JSON" in error_line(capsys)
+    assert not (out / "manifest.json").exists() and not list(out.glob("*.bin"))
+
+
+def test_hf_without_datasets_is_clean_error(tmp_path, capsys, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import fails without touching the network
+    assert run("--hf", "some/dataset", "--out", tmp_path / "out") == 2
+    assert "datasets" in error_line(capsys)
+
+
+def test_stdlib_documents():
+    docs = P.stdlib_documents()
+    assert len(docs) > 500
+    assert docs == P.stdlib_documents()
+    rel = [d.as_posix() for d in docs]
+    assert rel == sorted(rel)
+    assert not any("site-packages" in r for r in rel)
+    assert any(r.endswith("pydoc_data/topics.py") for r in rel)
+    assert any(r.endswith("/os.py") for r in rel)
+
+
+def test_ensure_default_data(tmp_path, monkeypatch):
+    # the real corpus takes a few seconds on 2 cores; a slice of it tests the same path
+    small = [p for p in P.stdlib_documents() if p.name in ("this.py", "keyword.py", "bisect.py")]
+    monkeypatch.setattr(P, "stdlib_documents", lambda: small)
+    monkeypatch.setattr(P, "STDLIB_VAL_TOKENS", 100)
+    folder = P.ensure_default_data(tmp_path / "stdlib")
+    m, stream = read_all(folder)
+    assert m["name"] == "stdlib" and m["source"]["kind"] == "python-stdlib"
+    assert m["totals"]["documents"] == len(small) == 3
+    assert [s["split"] for s in m["shards"]] == ["val", "train"]
+    mtime = (folder / "manifest.json").stat().st_mtime_ns
+    assert P.ensure_default_data(folder) == folder
+    assert (folder / "manifest.json").stat().st_mtime_ns == mtime
+
