@@ -148,7 +148,7 @@ def _apply(cfg: Config, section: str, key: str, value: Any, where: str) -> Confi
 def resolve_config_path(name_or_path: str) -> Path:
     """A preset name (`gpt2-124m`) or a path to a TOML file."""
     p = Path(name_or_path)
-    if p.suffix == ".toml" or p.exists():
+    if p.suffix == ".toml" or p.is_file():  # not is_dir(): "parity" is also a package folder
         if not p.exists():
             raise ConfigError(f"--config: file not found: {p}")
         return p

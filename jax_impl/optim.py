@@ -1,0 +1,71 @@
+"""AdamW with torch's clipping, decay on matrices and embeddings only, and the shared lr table.
+
+The chain is clip (torch's formula, before the update) → optax.adamw. optax's adamw computes
+lr · (m̂ / (√v̂ + eps) + wd · θ), which is torch's decoupled p ← p·(1 − lr·wd) − lr·m̂/(√v̂ + eps).
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from common.config import Config, OptimConfig
+from common.names import decays
+from common.schedule import lr_table
+from jax_impl.model import flatten, unflatten
+
+
+class ClipState(NamedTuple):
+    grad_norm: jax.Array  # global norm of the last gradients, before clipping
+
+
+def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
+    """torch.nn.utils.clip_grad_norm_: g · min(1, max_norm / (‖g‖ + 1e-6)), and remembers ‖g‖.
+
+    optax.clip_by_global_norm has no 1e-6 (the last drift between the backends in fp64) and does
+    not report the norm; max_norm 0 only measures.
+    """
+    def init(params):
+        leaves = jax.tree.leaves(params)
+        return ClipState(jnp.zeros([], leaves[0].dtype if leaves else jnp.float32))
+
+    def update(updates, state, params=None):
+        del params
+        norm = optax.tree.norm(updates)
+        if max_norm > 0:
+            coef = jnp.minimum(1.0, max_norm / (norm + 1e-6))
+            updates = jax.tree.map(lambda g: g * coef.astype(g.dtype), updates)
+        return updates, ClipState(norm)
+
+    return optax.GradientTransformation(init, update)
+
+
+def lr_schedule(optim: OptimConfig, dtype: Any = jnp.float32):
+    """count -> common.schedule.lr_at(count), read from its table (the last entry serves later steps)."""
+    table = jnp.asarray(lr_table(optim), dtype=dtype)
+
+    def schedule(count):
+        return table[jnp.minimum(count, table.shape[0] - 1)]
+
+    return schedule
+
+
+def decay_mask(params) -> dict:
+    """True where common.names.decays says so (ndim ≥ 2: matrices and embeddings)."""
+    return unflatten({k: decays(k, tuple(v.shape)) for k, v in flatten(params).items()})
+
+
+def build_optimizer(params, cfg: Config, dtype: Any = jnp.float32) -> optax.GradientTransformation:
+    o = cfg.optim
+    return optax.chain(
+        clip_by_global_norm_torch(o.grad_clip),
+        optax.adamw(learning_rate=lr_schedule(o, dtype), b1=o.betas[0], b2=o.betas[1], eps=o.eps, eps_root=0.0,
+                    weight_decay=o.weight_decay, mask=decay_mask(params)),
+    )
+
+
+def grad_norm(opt_state) -> jax.Array:
+    """The pre-clip global gradient norm of the last update (state of the chain's first element)."""
+    return opt_state[0].grad_norm
