@@ -66,7 +66,8 @@ class Backend(Protocol):
         ids are never produced; the context is cropped to block_size."""
 
     def to_common(self, state: Any) -> dict[str, np.ndarray]:
-        """The model's weights as common weights (fresh float32 numpy copies, never aliases)."""
+        """The model's weights as common weights: fresh numpy copies (never aliases), float32, or
+        float64 in fp64 runs."""
 
     def save_checkpoint(self, state: Any, out_dir: Path, step: int, meta: dict[str, Any],
                         val_loss: float | None) -> Path:

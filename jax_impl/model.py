@@ -58,18 +58,22 @@ class Conv1D(nn.Module):
         return y
 
 
+# Aligned with torch_impl/model.py (docs/parity.md): Flax's LayerNorm defaults to eps 1e-6; GELU is pinned to tanh.
+LN_EPS = 1e-5
+GELU_TANH = True
+
+
 class LayerNorm(nn.Module):
     """Two-pass variance and eps 1e-5 like torch (Flax's default is eps 1e-6 with E[x²] − E[x]²)."""
     bias: bool
     param_dtype: Dtype
-    eps: float = 1e-5
 
     @nn.compact
     def __call__(self, x):
         x = x.astype(_wide(self.param_dtype))
         mean = x.mean(-1, keepdims=True)
         var = jnp.square(x - mean).mean(-1, keepdims=True)
-        y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        y = (x - mean) * jax.lax.rsqrt(var + LN_EPS)
         y = y * self.param("weight", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
         if self.bias:
             y = y + self.param("bias", nn.initializers.zeros, (x.shape[-1],), self.param_dtype)
@@ -129,7 +133,7 @@ class MLP(nn.Module):
         cfg = self.cfg
         dense = dict(bias=cfg.bias, dtype=self.dtype, param_dtype=self.param_dtype)
         h = Conv1D(4 * cfg.n_embd, init_std("mlp.c_fc.weight", cfg), name="c_fc", **dense)(x)
-        h = jax.nn.gelu(h, approximate=True)  # GPT-2's tanh GELU, explicitly (torch's default is erf)
+        h = jax.nn.gelu(h, approximate=GELU_TANH)  # GPT-2's tanh GELU, explicitly (torch's default is erf)
         h = Conv1D(cfg.n_embd, init_std("mlp.c_proj.weight", cfg), name="c_proj", **dense)(h)
         return nn.Dropout(cfg.dropout, deterministic=not train)(h)
 

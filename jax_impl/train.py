@@ -250,7 +250,7 @@ class JaxBackend:
         return generate(rt.model, state.params, prompt, num_samples, max_new_tokens, temperature, top_k, seed)
 
     def to_common(self, state: TrainState) -> dict[str, np.ndarray]:
-        return to_common(state.params)
+        return _numpy(state.params)
 
     def save_checkpoint(self, state: TrainState, out_dir: Path, step: int, meta: dict[str, Any],
                         val_loss: float | None) -> Path:

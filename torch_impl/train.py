@@ -81,11 +81,20 @@ def _to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
-    """Global L2 norm of the gradients before clipping; clips in place (torch's min(1, max/(norm+1e-6))) if max_norm > 0."""
-    params = [p for p in model.parameters() if p.grad is not None]
+    """Global L2 norm of the gradients before clipping; clips in place if max_norm > 0.
+
+    The formula is clip_grad_norm_'s, g · min(1, max_norm / (norm + 1e-6)), but the norm is summed in
+    float64: torch's fp32 norm of the 50k-row embedding gradient is off by up to 2e-5 (relative) on
+    CPU, enough to move the clip coefficient visibly (measured by parity.check); this costs one
+    read of the gradients.
+    """
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64) for g in grads])
+    total = torch.linalg.vector_norm(norms)
     if max_norm > 0:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    return torch.nn.utils.get_total_norm([p.grad for p in params])
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        torch._foreach_mul_(grads, coef.to(grads[0].dtype))
+    return total.to(grads[0].dtype)
 
 
 def accumulate_gradients(state: TrainState, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
@@ -196,6 +205,23 @@ def _check_shape(path: Path, saved: dict[str, Any], cfg: Config) -> None:
                               f"the config asks for {getattr(cfg.model, key)}")
 
 
+def _numpy_dtype(cfg: Config) -> type:
+    return np.float64 if cfg.run.dtype == "fp64" else np.float32
+
+
+@torch.no_grad()
+def set_moments(state: TrainState, moments: dict[str, Any]) -> None:
+    """AdamW's m, v and step from common-named arrays (parity.convert moves them between backends)."""
+    step = int(moments["step"])
+    for name, p in state.model.named_parameters():
+        state.optimizer.state[p] = {
+            "step": torch.tensor(float(step)),
+            "exp_avg": torch.as_tensor(np.array(moments["m"][name], copy=True)).to(p.device, p.dtype),
+            "exp_avg_sq": torch.as_tensor(np.array(moments["v"][name], copy=True)).to(p.device, p.dtype),
+        }
+    state.step = step
+
+
 class TorchBackend:
     name = "torch"
 
@@ -205,8 +231,12 @@ class TorchBackend:
     def teardown(self) -> None:
         tdist.teardown()
 
-    def init_state(self, cfg: Config, dist: DistInfo, weights: dict[str, np.ndarray] | None = None) -> TrainState:
-        return build_state(cfg, dist, weights)
+    def init_state(self, cfg: Config, dist: DistInfo, weights: dict[str, np.ndarray] | None = None,
+                   moments: dict[str, Any] | None = None) -> TrainState:
+        state = build_state(cfg, dist, weights)
+        if moments is not None:
+            set_moments(state, moments)
+        return state
 
     def train_step(self, state: TrainState, x: np.ndarray, y: np.ndarray) -> tuple[TrainState, dict[str, Any]]:
         return train_step(state, x, y)
@@ -219,7 +249,7 @@ class TorchBackend:
         return generate(state.model, prompt, num_samples, max_new_tokens, temperature, top_k, seed, state.autocast())
 
     def to_common(self, state: TrainState) -> dict[str, np.ndarray]:
-        return state.model.to_common()
+        return state.model.to_common(_numpy_dtype(state.cfg))
 
     def save_checkpoint(self, state: TrainState, out_dir: Path, step: int, meta: dict[str, Any],
                         val_loss: float | None) -> Path | None:
@@ -263,6 +293,37 @@ class TorchBackend:
         else:
             torch.manual_seed(_rng_seed(cfg, dist, state.step))
         return state, meta
+
+    # --- common.backend.ParityHooks ----------------------------------------------------------------
+    @torch.no_grad()
+    def logits(self, state: TrainState, x: np.ndarray) -> np.ndarray:
+        state.model.eval()
+        try:
+            with state.autocast():
+                logits, _ = state.eval_model(_to_device(x, state.device))
+        finally:
+            state.model.train()
+        return logits[..., :state.cfg.model.vocab_size].detach().to("cpu", torch.float64).numpy().copy()
+
+    def grads(self, state: TrainState, x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
+        """The gradient train_step would clip and apply, without applying it."""
+        accumulate_gradients(state, _to_device(x, state.device), _to_device(y, state.device))
+        dtype = _numpy_dtype(state.cfg)
+        out = {name: p.grad.detach().to("cpu", torch.float64).numpy().astype(dtype)
+               for name, p in state.model.named_parameters()}
+        state.optimizer.zero_grad(set_to_none=True)
+        return out
+
+    def optimizer_moments(self, state: TrainState) -> dict[str, Any]:
+        dtype = _numpy_dtype(state.cfg)
+        moments: dict[str, Any] = {"step": state.step, "m": {}, "v": {}}
+        for name, p in state.model.named_parameters():
+            slot = state.optimizer.state.get(p, {})
+            for kind, key in (("m", "exp_avg"), ("v", "exp_avg_sq")):
+                t = slot.get(key)
+                moments[kind][name] = (np.zeros(tuple(p.shape), dtype) if t is None
+                                       else t.detach().to("cpu", torch.float64).numpy().astype(dtype))
+        return moments
 
     def latest_checkpoint(self, out_dir: Path) -> Path | None:
         return ckpt.latest_checkpoint(out_dir)

@@ -1,0 +1,126 @@
+"""`python -m parity.check --suite`: the checks beyond one step-by-step run.
+
+1. Gradient accumulation on/off: 2 micro-steps × B/2 ≡ 1 × B, in each backend and across them.
+2. 1 vs 2 data-parallel replicas: torchrun with 2 gloo ranks and JAX with 2 host devices each train
+   the same steps as one replica (the loader makes the tokens identical); weights compared after.
+3. Checkpoint round trips: torch → JAX → torch and torch → HF → torch leave weights (and, between
+   the backends, AdamW's state) bit-identical.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.config import Config, dump_toml
+from parity.check import Tolerances, make_loader, start_pair, tensor_diffs
+from parity.convert import read_portable, write_portable
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _result(name: str, passed: bool, detail: str, **extra: Any) -> dict[str, Any]:
+    print(f"[{'PASS' if passed else 'FAIL'}] {name}: {detail}")
+    return {"check": name, "passed": passed, "detail": detail, **extra}
+
+
+def check_accumulation(cfg: Config, tol: Tolerances) -> dict[str, Any]:
+    pair = start_pair(cfg)
+    x, y = make_loader(cfg).step_batch(0)
+    rows = x.shape[0] * x.shape[1]
+    if rows % 2:
+        return _result("accumulation", False, f"needs an even number of rows per step, got {rows}")
+    full = (x.reshape(1, rows, -1), y.reshape(1, rows, -1))
+    split = (x.reshape(2, rows // 2, -1), y.reshape(2, rows // 2, -1))
+    diffs = {}
+    for name, backend, state in (("torch", pair.tb, pair.ts), ("jax", pair.jb, pair.js)):
+        d = tensor_diffs(backend.grads(state, *full), backend.grads(state, *split))
+        diffs[name] = max(d.values())
+    cross = max(tensor_diffs(pair.tb.grads(pair.ts, *split), pair.jb.grads(pair.js, *full)).values())
+    ok = max(diffs.values()) <= tol.grads and cross <= tol.grads
+    return _result("accumulation", ok, f"1×{rows} vs 2×{rows // 2} gradients, worst rel L2: torch {diffs['torch']:.1e}, "
+                   f"jax {diffs['jax']:.1e}, torch 2× vs jax 1× {cross:.1e} (tolerance {tol.grads:.0e})")
+
+
+def _train_cli(module: str, cfg: Config, out: Path, launcher: list[str], extra: list[str]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path = out / "config.toml"
+    run = dataclasses.replace(cfg.run, out_dir=str(out / "run"), checkpoint_interval=cfg.optim.max_steps,
+                              eval_interval=0, sample_interval=0, num_samples=0)
+    cfg_path.write_text(dump_toml(dataclasses.replace(cfg, run=run)))
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = launcher + ["-m", module, "--config", str(cfg_path)] + extra
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+
+
+def check_replicas(cfg: Config, tol: Tolerances, steps: int = 3) -> dict[str, Any]:
+    """One replica with micro-batch B vs two with B/2: same tokens per step, so the same weights."""
+    half = cfg.optim.micro_batch_size // 2
+    if half == 0 or cfg.optim.total_batch_size % (half * cfg.model.block_size * 2):
+        return _result("replicas", False, "micro_batch_size must be even and divide the step for 2 replicas")
+    base = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, max_steps=steps,
+                                                              warmup_steps=min(cfg.optim.warmup_steps, steps)))
+    two = dataclasses.replace(base, optim=dataclasses.replace(base.optim, micro_batch_size=half))
+    py = [sys.executable]
+    runs = {
+        "torch": (["torch_impl.train", base, py, []],
+                  ["torch_impl.train", two, py + ["-m", "torch.distributed.run", "--standalone",
+                                                  "--nproc_per_node=2"], []]),
+        "jax": (["jax_impl.train", base, py, ["--devices", "1"]], ["jax_impl.train", two, py, ["--devices", "2"]]),
+    }
+    lines, ok = [], True
+    with tempfile.TemporaryDirectory(prefix="parity-replicas-") as tmp:
+        for name, (one, pair) in runs.items():
+            weights = []
+            for label, (module, c, launcher, extra) in zip(("1", "2"), (one, pair)):
+                out = Path(tmp) / f"{name}-{label}"
+                _train_cli(module, c, out, launcher, extra)
+                weights.append(read_portable(out / "run")[0].weights)
+            d = max(tensor_diffs(weights[0], weights[1]).values())
+            lines.append(f"{name} {d:.1e}")
+            ok = ok and d <= tol.params
+    return _result("replicas", ok, f"weights after {steps} steps, 1 vs 2 replicas, worst rel L2: "
+                   + ", ".join(lines) + f" (tolerance {tol.params:.0e})")
+
+
+def check_round_trip(cfg: Config, steps: int = 2) -> dict[str, Any]:
+    pair = start_pair(cfg)
+    loader = make_loader(cfg)
+    for _ in range(steps):  # so that AdamW's moments and step are not trivially zero
+        pair.ts, _ = pair.tb.train_step(pair.ts, *loader.next_step())
+    weights, moments = pair.tb.to_common(pair.ts), pair.tb.optimizer_moments(pair.ts)
+    meta = {"step": steps, "backend": "torch", "config": cfg.to_dict(), "loader": loader.state_dict(), "history": []}
+    problems = []
+    with tempfile.TemporaryDirectory(prefix="parity-convert-") as tmp:
+        src = pair.tb.save_checkpoint(pair.ts, Path(tmp) / "torch", steps, meta, None)
+        jax_ckpt = write_portable(read_portable(src)[0], Path(tmp) / "jax", "jax")
+        back = read_portable(write_portable(read_portable(jax_ckpt)[0], Path(tmp) / "torch2", "torch"))[0]
+        for k in weights:
+            if not np.array_equal(weights[k], back.weights[k]):
+                problems.append(f"weight {k}")
+        for kind in ("m", "v"):
+            for k in moments[kind]:
+                if not np.array_equal(moments[kind][k], back.moments[kind][k]):
+                    problems.append(f"AdamW {kind} {k}")
+        if back.step != steps or back.moments["step"] != moments["step"]:
+            problems.append(f"step {back.step}/{back.moments['step']} ≠ {steps}")
+        hf = read_portable(write_portable(read_portable(src)[0], Path(tmp) / "hf", "hf"))[0]
+        vocab = cfg.model.vocab_size  # HF holds the real vocabulary only; padded rows are dropped
+        for k in weights:
+            if not np.array_equal(weights[k][:vocab], hf.weights[k][:vocab]):
+                problems.append(f"HF weight {k}")
+    return _result("checkpoint round trip", not problems,
+                   "torch → JAX → torch and torch → HF → torch bit-identical" if not problems
+                   else "differs: " + ", ".join(problems[:5]))
+
+
+def run_suite(cfg: Config, tol: Tolerances) -> list[dict[str, Any]]:
+    return [check_accumulation(cfg, tol), check_round_trip(cfg), check_replicas(cfg, tol)]

@@ -1,0 +1,39 @@
+"""Fixtures shared across test files: tiny shards and a tiny config, so no test needs real data."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.config import Config, DataConfig, ModelConfig, OptimConfig, RunConfig
+from common.shards import write_shard
+
+TINY_VOCAB = 256
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory) -> Path:
+    """A learnable stream (a noisy repeating pattern) over a 256-token vocabulary: train + val shards."""
+    folder = tmp_path_factory.mktemp("tiny-shards")
+    rng = np.random.default_rng(0)
+    pattern = rng.integers(0, TINY_VOCAB, 97)
+    train = np.tile(pattern, 400)[:30000]
+    noise = rng.random(train.size) < 0.1
+    train[noise] = rng.integers(0, TINY_VOCAB, noise.sum())
+    write_shard(folder / "tiny_train_000000.bin", train, vocab_size=TINY_VOCAB)
+    write_shard(folder / "tiny_val_000000.bin", np.tile(pattern, 30), vocab_size=TINY_VOCAB)
+    return folder
+
+
+def tiny_config(data_dir: Path, out_dir: Path | str = "unused", **optim) -> Config:
+    """L2 C32 H2 T16 over the tiny vocabulary; 4 sequences per step unless `optim` says otherwise."""
+    base = OptimConfig(total_batch_size=64, micro_batch_size=4, max_lr=1e-2, min_lr=1e-3, warmup_steps=2,
+                       max_steps=10)
+    return Config(model=ModelConfig(vocab_size=TINY_VOCAB, padded_vocab_size=TINY_VOCAB, block_size=16, n_layer=2,
+                                    n_head=2, n_embd=32),
+                  optim=dataclasses.replace(base, **optim),
+                  data=DataConfig(dir=str(data_dir), val_tokens=256),
+                  run=RunConfig(out_dir=str(out_dir), num_samples=0, eval_interval=0, checkpoint_interval=0,
+                                devices=1, progress=False))
