@@ -92,9 +92,21 @@ class Pair:
     init: dict[str, np.ndarray]
 
 
+def pin_full_precision() -> None:
+    """GPUs default to TF32 (and JAX on TPU to one-pass bf16) matmuls for fp32; parity compares full
+    precision on both sides (CPUs ignore these settings)."""
+    import jax
+    import torch
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    jax.config.update("jax_default_matmul_precision", "highest")
+
+
 def start_pair(cfg, backends=None) -> Pair:
     tb, jb = backends or load_backends()
     tdist, jdist = tb.setup(cfg), jb.setup(cfg)
+    pin_full_precision()  # after setup, which sets the trainers' own (fast) defaults
     ts = tb.init_state(cfg, tdist)
     init = {k: np.array(v, copy=True) for k, v in tb.to_common(ts).items()}
     # A copy, never a view: torch's in-place AdamW would otherwise move JAX's weights too on CPU.
