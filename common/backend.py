@@ -98,3 +98,10 @@ class ParityHooks(Protocol):
 
     def optimizer_moments(self, state: Any) -> dict[str, Any]:
         """AdamW's state as {"step": optimizer steps taken, "m": {name: array}, "v": {name: array}}."""
+
+    def token_losses(self, state: Any, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """(B, T) float64 per-token cross-entropy of y given x in eval mode (HellaSwag, bits per byte)."""
+
+    def diagnostics(self, state: Any, x: np.ndarray, y: np.ndarray) -> dict[str, dict[str, float]]:
+        """{"group_grad_norms", "grad_to_weight"} for the step about to run on x, y, without changing
+        what train_step then computes (common/diagnostics.py)."""

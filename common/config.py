@@ -78,6 +78,14 @@ class RunConfig:
     temperature: float = 1.0
     peak_tflops: float = 0.0  # MFU denominator; 0 = a stated default for the device and dtype
     progress: bool = True
+    hellaswag_path: str = ""  # a hellaswag_val.jsonl scored every hellaswag_interval steps and at the end
+    hellaswag_interval: int = 0  # 0 = only at the end (when hellaswag_path is set)
+    hellaswag_limit: int = 0  # examples scored per evaluation; 0 = the whole file
+    diagnostics_interval: int = 0  # per-group grad norms and grad/weight ratios every N steps; 0 = off
+    overfit_single_batch: bool = False  # train on the first batch at every step (the plumbing check)
+    wandb: bool = False  # send every metrics record to Weights & Biases (WANDB_MODE=offline works)
+    wandb_project: str = "gpt2-twin"
+    tensorboard: bool = False  # TensorBoard event files under out_dir/tensorboard
 
 
 @dataclass(frozen=True)
@@ -238,9 +246,11 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     if r.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"run.device must be auto, cpu or cuda, got '{r.device}'")
     for name in ("log_interval", "eval_interval", "checkpoint_interval", "sample_interval", "keep_checkpoints",
-                 "devices"):
+                 "devices", "hellaswag_interval", "hellaswag_limit", "diagnostics_interval"):
         if getattr(r, name) < 0:
             raise ConfigError(f"run.{name} must be ≥ 0, got {getattr(r, name)}")
+    if r.hellaswag_interval and not r.hellaswag_path:
+        raise ConfigError("run.hellaswag_interval is set but run.hellaswag_path is empty (give the jsonl file)")
     if cfg.data.val_tokens < 0:
         raise ConfigError(f"data.val_tokens must be ≥ 0, got {cfg.data.val_tokens}")
     return cfg

@@ -19,12 +19,14 @@ from common.checkpoints import CheckpointError, code_version
 from common.config import (Config, ConfigError, DataConfig, build_parser, config_from_dict, model_shape_diff,
                            parse_args, validate)
 from common.data import DataError, DataLoader, val_batches
+from common.hellaswag import HellaSwagError, load_examples
 from common.hf import HFError
+from common.loggers import Sinks, open_sinks
 from common.plan import flops_per_token, plan_lines
 from common.records import MetricsLog, format_line
 from common.shards import ShardError
 
-INPUT_ERRORS = (ConfigError, DataError, ShardError, CheckpointError, HFError)
+INPUT_ERRORS = (ConfigError, DataError, ShardError, CheckpointError, HFError, HellaSwagError)
 
 
 class NonFiniteError(RuntimeError):
@@ -90,6 +92,33 @@ def _sample_texts(backend: Backend, state: Any, cfg: Config) -> list[str]:
     return [r.sample_prompt + decode(row) for row in rows]
 
 
+def _check_hellaswag(cfg: Config) -> None:
+    """Fail at start, not after hours of training, on a HellaSwag file that cannot be scored."""
+    from common.tokenizer import VOCAB_SIZE
+
+    r = cfg.run
+    if not r.hellaswag_path:
+        return
+    if cfg.model.vocab_size < VOCAB_SIZE:
+        raise ConfigError(f"run.hellaswag_path: HellaSwag needs a model over GPT-2's {VOCAB_SIZE} tokens, "
+                          f"model.vocab_size is {cfg.model.vocab_size}")
+    try:
+        load_examples(r.hellaswag_path, limit=1)
+    except HellaSwagError as e:
+        raise ConfigError(f"run.hellaswag_path: {e}") from None
+
+
+def _hellaswag(backend: Backend, state: Any, cfg: Config) -> dict[str, float]:
+    from common.hellaswag import evaluate_hellaswag
+    from common.tokenizer import encode
+
+    r = cfg.run
+    # Every process scores the whole file: a JAX mesh computes on all processes together.
+    hs = evaluate_hellaswag(r.hellaswag_path, lambda t: backend.token_losses(state, t[:, :-1], t[:, 1:]), encode,
+                            limit=r.hellaswag_limit or None, block_size=cfg.model.block_size)
+    return {"hellaswag_acc": hs["acc"], "hellaswag_acc_norm": hs["acc_norm"], "hellaswag_n": hs["n"]}
+
+
 def _eta(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
@@ -101,6 +130,7 @@ def train(backend: Backend, cfg: Config, resume: str | None = None, weights: dic
     dist = backend.setup(cfg)
     cfg = validate(cfg, dist.data_parallel_size)
     say = log if dist.is_main else (lambda *a, **k: None)
+    _check_hellaswag(cfg)
     ensure_data(cfg, say)
     out_dir = resolve_out_dir(cfg, backend)
     o, r = cfg.optim, cfg.run
@@ -145,6 +175,9 @@ def train(backend: Backend, cfg: Config, resume: str | None = None, weights: dic
 
     metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step=start if resume is not None else None) \
         if dist.is_main else None
+    sinks = open_sinks(cfg, out_dir, backend.name) if dist.is_main else Sinks([])
+    # The plumbing check: the first step's batch at every step (the loader's position never moves).
+    fixed_batch = loader.step_batch(0) if r.overfit_single_batch else None
     flops_tok = flops_per_token(cfg.model)
     val_loss = None
     checkpoint = None
@@ -153,7 +186,11 @@ def train(backend: Backend, cfg: Config, resume: str | None = None, weights: dic
     steady: list[float] = []
     tokens = start * o.total_batch_size
     for step in range(start, o.max_steps):
-        x, y = loader.next_step()
+        x, y = fixed_batch if fixed_batch is not None else loader.next_step()
+        diagnostics = None
+        if r.diagnostics_interval and step % r.diagnostics_interval == 0:
+            diagnostics = backend.diagnostics(state, x, y)  # before the step: the gradient it is about to apply
+            last = time.perf_counter()
         state, m = backend.train_step(state, x, y)
         loss, norm, lr = float(m["loss"]), float(m["grad_norm"]), float(m["lr"])
         now = time.perf_counter()
@@ -169,13 +206,21 @@ def train(backend: Backend, cfg: Config, resume: str | None = None, weights: dic
         rec = {"backend": backend.name, "step": step, "loss": loss, "lr": lr, "grad_norm": norm,
                "ms": dt * 1e3, "tokens_per_s": tok_s, "mfu": flops_tok * tok_s / (peak * dist.data_parallel_size),
                "tokens": tokens, "elapsed_s": now - run_start}
+        if diagnostics:
+            rec.update(diagnostics)
         done = step + 1
         if cfg.data.val_tokens and r.eval_interval and (done % r.eval_interval == 0 or done == o.max_steps):
             val_loss = rec["val_loss"] = evaluate(state)
             last = time.perf_counter()  # evaluation time is not training throughput
+        if r.hellaswag_path and ((r.hellaswag_interval and done % r.hellaswag_interval == 0) or done == o.max_steps):
+            rec.update(_hellaswag(backend, state, cfg))
+            say(f"hellaswag at step {done}: acc {rec['hellaswag_acc']:.4f} | "
+                f"acc_norm {rec['hellaswag_acc_norm']:.4f} ({rec['hellaswag_n']} examples)")
+            last = time.perf_counter()
         history.append(rec)
         if metrics:
             metrics.write(rec)
+        sinks.log(rec)
         if r.log_interval and (step % r.log_interval == 0 or "val_loss" in rec or done == o.max_steps):
             eta = (o.max_steps - done) * (sum(steady) / len(steady) if steady else dt)
             say(format_line(rec, o.max_steps) + f" | eta {_eta(eta)}" +
@@ -194,6 +239,7 @@ def train(backend: Backend, cfg: Config, resume: str | None = None, weights: dic
         mean_tok_s = o.total_batch_size * len(steady) / sum(steady)
         say(f"done: {o.max_steps - start} steps in {time.perf_counter() - run_start:.1f} s; "
             f"{mean_tok_s:,.0f} tok/s after warm-up; final val loss {val_loss if val_loss is None else round(val_loss, 4)}")
+    sinks.close()
     samples = []
     if r.num_samples and r.sample_tokens and start < o.max_steps:
         samples = _sample_texts(backend, state, cfg)

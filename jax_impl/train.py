@@ -21,10 +21,11 @@ from jax.sharding import Mesh
 
 from common.backend import DistInfo
 from common.checkpoints import CheckpointError
+from common.diagnostics import diagnostic_group, summarize_diagnostics
 from common.config import Config, ConfigError, DataConfig, RunConfig, config_from_dict, model_shape_diff
 from common.plan import peak_flops as stated_peak_flops
 from jax_impl import checkpoint, dist
-from jax_impl.model import GPT, flatten, from_common, init_params, lm_loss, to_common
+from jax_impl.model import GPT, flatten, from_common, init_params, lm_loss
 from jax_impl.optim import build_optimizer, grad_norm, lr_schedule
 
 # run.dtype -> (compute dtype, parameter/optimizer-state dtype)
@@ -285,6 +286,40 @@ class JaxBackend:
     def optimizer_moments(self, state: TrainState) -> dict[str, Any]:
         return {"step": int(state.step), "m": _numpy(optax.tree.get(state.opt_state, "mu")),
                 "v": _numpy(optax.tree.get(state.opt_state, "nu"))}
+
+    # --- evaluation and diagnostics hooks of common/loop.py (mirrored in torch_impl/train.py) ----------
+    def token_losses(self, state: TrainState, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """(B, T) float64 per-token cross-entropy of y given x, eval mode, real vocabulary (HellaSwag)."""
+        from jax_impl.evaluate import token_losses
+
+        rt = self._rt(state)
+        return token_losses(rt.model, state.params, x, y, put=lambda a: replicate(a, rt.replicated))
+
+    def diagnostics(self, state: TrainState, x: np.ndarray, y: np.ndarray) -> dict[str, dict[str, float]]:
+        """Per-group gradient norms and std(grad) / std(weight) for the step about to run on x, y.
+
+        The gradient is that of train_step's batch (same dropout key), from the separately jitted
+        gradient function; nothing is donated or stored, so train_step's numbers are unchanged bit for
+        bit. Ratios are per group, pooled over the group's layers.
+        """
+        rt = self._rt(state)
+        _, dropout_rng = jax.random.split(state.rng)
+        g, _ = rt.grads(state.params, dist.put_batch(x.astype(np.int32), rt.batch_sharding),
+                        dist.put_batch(y.astype(np.int32), rt.batch_sharding), dropout_rng)
+        if getattr(self, "_moments", None) is None:  # one jitted program, not an eager op per tensor
+            def tensor_moments(gv, wv):
+                gv, wv = gv.astype(jnp.promote_types(gv.dtype, jnp.float32)), wv.astype(gv.dtype)
+                return jnp.stack([gv.sum(), jnp.square(gv).sum(), wv.sum(), jnp.square(wv).sum()])
+            self._moments = jax.jit(lambda grads, params: jax.tree.map(tensor_moments, grads, params))
+        moments = flatten(self._moments(g, state.params))
+        weights = flatten(state.params)
+        sums: dict[str, list[float]] = {}
+        for name, m in moments.items():
+            entry = sums.setdefault(diagnostic_group(name), [weights[name].ndim, 0, 0.0, 0.0, 0.0, 0.0])
+            entry[1] += weights[name].size
+            values = np.asarray(m.addressable_data(0), dtype=np.float64).tolist()
+            entry[2:] = [a + b for a, b in zip(entry[2:], values)]
+        return summarize_diagnostics(sums)
 
     def latest_checkpoint(self, out_dir: Path) -> Path | None:
         return checkpoint.latest_checkpoint(Path(out_dir))

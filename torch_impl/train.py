@@ -17,6 +17,7 @@ import torch
 from common import loop
 from common.backend import DistInfo
 from common.checkpoints import CheckpointError
+from common.diagnostics import diagnostic_group, summarize_diagnostics
 from common.config import Config, ConfigError, config_from_dict, model_shape_diff
 from common.names import check_weights
 from common.plan import peak_flops
@@ -324,6 +325,40 @@ class TorchBackend:
                 moments[kind][name] = (np.zeros(tuple(p.shape), dtype) if t is None
                                        else t.detach().to("cpu", torch.float64).numpy().astype(dtype))
         return moments
+
+    # --- evaluation and diagnostics hooks of common/loop.py (mirrored in jax_impl/train.py) ------------
+    def token_losses(self, state: TrainState, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """(B, T) float64 per-token cross-entropy of y given x, eval mode, real vocabulary (HellaSwag)."""
+        from torch_impl.evaluate import token_losses
+
+        return token_losses(state.model, x, y, state.autocast())
+
+    def diagnostics(self, state: TrainState, x: np.ndarray, y: np.ndarray) -> dict[str, dict[str, float]]:
+        """Per-group gradient norms and std(grad) / std(weight) for the step about to run on x, y.
+
+        The gradient is that of train_step's batch, from a separate forward/backward whose RNG state is
+        restored afterwards, so train_step draws the same dropout masks and its numbers are unchanged
+        bit for bit. Ratios are per group, pooled over the group's layers.
+        """
+        cpu_rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state(state.device) if state.device.type == "cuda" else None
+        try:
+            accumulate_gradients(state, _to_device(x, state.device), _to_device(y, state.device))
+            scale = float(state.scaler.get_scale()) if state.scaler else 1.0  # fp16: undo the loss scale
+            sums: dict[str, list[float]] = {}
+            with torch.no_grad():
+                for name, p in state.model.named_parameters():
+                    g, w = p.grad.detach().double() / scale, p.detach().double()
+                    moments = torch.stack([g.sum(), g.square().sum(), w.sum(), w.square().sum()]).cpu().tolist()
+                    entry = sums.setdefault(diagnostic_group(name), [p.ndim, 0, 0.0, 0.0, 0.0, 0.0])
+                    entry[1] += p.numel()
+                    entry[2:] = [a + b for a, b in zip(entry[2:], moments)]
+        finally:
+            state.optimizer.zero_grad(set_to_none=True)
+            torch.set_rng_state(cpu_rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state(cuda_rng, state.device)
+        return summarize_diagnostics(sums)
 
     def latest_checkpoint(self, out_dir: Path) -> Path | None:
         return ckpt.latest_checkpoint(out_dir)

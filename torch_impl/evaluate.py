@@ -1,0 +1,81 @@
+"""Score a checkpoint: `python -m torch_impl.evaluate --checkpoint PATH [--data DIR] [--hellaswag FILE] ...`.
+
+Prints val loss, perplexity and bits per byte on the val split of a shard folder, and HellaSwag
+accuracy (common/hellaswag.py) when a file is given. PATH is a torch or JAX checkpoint or run folder
+(read through parity.convert, so either backend scores the other's runs) or a Hugging Face GPT-2
+folder (config.json + model.safetensors). jax_impl/evaluate.py is the same program in JAX; both
+score a checkpoint to the same numbers (tests/test_evaluate.py).
+
+Bits per byte = summed nats over the scored target tokens ÷ UTF-8 bytes those targets decode to ÷
+ln 2 (common/bpb.py), so the figure compares across tokenizers.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common.evaluation import UsageError, run_cli, score
+from torch_impl.model import GPT
+from torch_impl.train import AUTOCAST_DTYPES
+
+
+@torch.no_grad()
+def token_losses(model: GPT, x: np.ndarray, y: np.ndarray,
+                 autocast: contextlib.AbstractContextManager | None = None) -> np.ndarray:
+    """(B, T) float64 cross-entropy (nats) of each target y[b, t] given x[b, :t+1], in eval mode.
+
+    Only the real-vocabulary logits enter the softmax, in fp32 (fp64 for an fp64 model), as in the
+    training loss; T may be shorter than block_size.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        xt = torch.from_numpy(np.asarray(x, dtype=np.int64)).to(device)
+        yt = torch.from_numpy(np.asarray(y, dtype=np.int64)).to(device)
+        with autocast or contextlib.nullcontext():
+            logits, _ = model(xt)
+        V = model.cfg.vocab_size
+        real = logits[..., :V]
+        real = real if real.dtype == torch.float64 else real.float()
+        losses = F.cross_entropy(real.reshape(-1, V), yt.reshape(-1), reduction="none")
+    finally:
+        model.train(was_training)
+    return losses.view(yt.shape).to("cpu", torch.float64).numpy()
+
+
+def _device(flag: str) -> torch.device:
+    if flag == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: torch sees no CUDA device")
+    return torch.device("cuda" if flag == "cuda" or (flag == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def evaluate(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[str, Any]:
+    from parity.convert import read_portable
+
+    portable, kind = read_portable(args.checkpoint)
+    cfg = portable.config
+    device = _device(args.device)
+    model = GPT.from_common(portable.weights, cfg.model, source=str(args.checkpoint))
+    model.to(device=device, dtype=torch.float64 if args.dtype == "fp64" else torch.float32).eval()
+    autocast_dtype = AUTOCAST_DTYPES.get(args.dtype)
+
+    def losses_fn(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        autocast = torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype else None
+        return token_losses(model, x, y, autocast)
+
+    return score(args, losses_fn, portable, kind, "torch", device, log)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli("torch", ('fp32', 'bf16', 'fp16', 'fp64'), evaluate, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
