@@ -2,6 +2,12 @@
 # Set-up is a virtualenv in .venv with the pinned versions of requirements.lock; it is redone only
 # when requirements.lock or pyproject.toml change, so a second `make` starts at once.
 PYTHON ?= python3
+
+# glibc malloc tuned for training steps that free and re-allocate the same large buffers (measured in
+# docs/performance.md; numerics unchanged): malloc'd memory on transparent huge pages, blocks up to
+# glibc's 32 MB ceiling taken from the heap (the chunked loss keeps its buffers below it) and the heap
+# never trimmed below 1 GiB, so steady-state steps reuse memory instead of page-faulting it anew.
+export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -28,6 +34,9 @@ parity: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python -m parity.bench
 
 clean:
 	rm -rf $(VENV) runs data/stdlib

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import resource
 import os
 import statistics
 import sys
@@ -67,11 +68,14 @@ def measure(cfg: Config, steps: int, windows: int, warmup: int) -> dict:
     for _ in range(warmup - 1):
         step()
     per_step = []
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(windows):
         t0 = time.perf_counter()
         for _ in range(steps):
             step()
         per_step.append((time.perf_counter() - t0) / steps)
+    # Minor page faults per timed step: allocator churn (docs/performance.md, GLIBC_TUNABLES).
+    minflt = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / (steps * windows)
     sec = statistics.median(per_step)
     tokens = cfg.optim.total_batch_size
     peak, peak_source = BACKEND.peak_flops(cfg, info)
@@ -83,6 +87,7 @@ def measure(cfg: Config, steps: int, windows: int, warmup: int) -> dict:
             "ms_windows": [s * 1e3 for s in per_step], "tokens_per_s": tok_s,
             "mfu": flops_per_token(cfg.model) * tok_s / (peak * info.data_parallel_size),
             "peak_tflops": peak / 1e12, "peak_source": peak_source, "first_step_s": first, "compile_s": compile_s,
+            "minflt_per_step": minflt,
             "jax": jax.__version__}
 
 
@@ -91,7 +96,7 @@ def line(r: dict) -> str:
     return (f"jax   jit      {r['dtype']} L{r['n_layer']} C{r['n_embd']} T{r['block_size']} B{r['batch']}×{r['accum']}"
             f"{devices} | {r['ms_per_step']:.1f} ms/step | {r['tokens_per_s']:,.0f} tok/s | MFU {100 * r['mfu']:.1f}% "
             f"of {r['peak_tflops'] * 1e3:.0f} GFLOP/s | compile {r['compile_s']:.1f} s | first step "
-            f"{r['first_step_s']:.2f} s")
+            f"{r['first_step_s']:.2f} s | {r['minflt_per_step']:,.0f} minor faults/step")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -62,6 +62,10 @@ class Conv1D(nn.Module):
 LN_EPS = 1e-5
 GELU_TANH = True
 
+# Rows of (B·T) per chunk of the fused LM head + cross-entropy in GPT.loss (0 = materialise the full
+# logits): the same chunking as torch_impl/model.py, measured in docs/performance.md.
+LOSS_CHUNK_ROWS = 128
+
 
 class LayerNorm(nn.Module):
     """Two-pass variance and eps 1e-5 like torch (Flax's default is eps 1e-6 with E[x²] − E[x]²)."""
@@ -195,11 +199,91 @@ class GPT(nn.Module):
     def __call__(self, idx, train: bool = False):
         return self.head(self.features(idx, train))
 
+    def loss(self, idx, targets, train: bool = False, chunk_rows: int | None = None):
+        """Mean cross-entropy of the next tokens; with chunk_rows > 0 (default LOSS_CHUNK_ROWS) the
+        head and loss run fused over row chunks and the (B·T, V) logits never exist."""
+        h = self.features(idx, train)
+        chunk_rows = LOSS_CHUNK_ROWS if chunk_rows is None else chunk_rows
+        if chunk_rows <= 0:
+            return lm_loss(self.head(h), targets, self.cfg.vocab_size)
+        return chunked_lm_loss(h.reshape(-1, h.shape[-1]), self.wte.weight, targets.reshape(-1),
+                               self.cfg.vocab_size, chunk_rows, self.dtype)
+
 
 def lm_loss(logits, targets, vocab_size: int):
     """Mean cross-entropy over real vocabulary columns only: padded columns never enter the softmax."""
     real = logits[..., :vocab_size].astype(_wide(logits.dtype))
     return optax.softmax_cross_entropy_with_integer_labels(real, targets).mean()
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def chunked_lm_loss(h, wte, targets, vocab_size: int, chunk_rows: int, dtype: Dtype):
+    """lm_loss(h @ wte.T, targets, vocab_size) for h (N, C), computed chunk_rows rows at a time.
+
+    The head matmuls run in `dtype` and the softmax in at least fp32, as in GPT.head + lm_loss.
+    """
+    return _chunked_pass(h, wte, targets, vocab_size, chunk_rows, dtype, with_grad=False)[0]
+
+
+def _chunked_fwd(h, wte, targets, vocab_size, chunk_rows, dtype):
+    loss, grad_h, grad_w = _chunked_pass(h, wte, targets, vocab_size, chunk_rows, dtype, with_grad=True)
+    return loss, (grad_h, grad_w, targets)
+
+
+def _chunked_bwd(vocab_size, chunk_rows, dtype, residuals, g):
+    """The gradients were computed with the loss; backward only scales them by the incoming scalar."""
+    grad_h, grad_w, targets = residuals
+    zero_targets = np.zeros(targets.shape, dtype=jax.dtypes.float0)  # integer input: no cotangent
+    return (g * grad_h).astype(grad_h.dtype), (g * grad_w).astype(grad_w.dtype), zero_targets
+
+
+chunked_lm_loss.defvjp(_chunked_fwd, _chunked_bwd)
+
+
+def _chunked_pass(h, wte, targets, vocab_size, chunk_rows, dtype, with_grad: bool):
+    """(mean loss, grad_h, grad_wte) — grads None unless with_grad — over full chunks in a lax.scan
+    (XLA keeps one chunk's logits alive) plus a remainder chunk when chunk_rows does not divide N.
+
+    Per chunk: logp = log_softmax(h_c @ wte[:V].T), loss −= logp[target], and d mean-loss / d logits
+    = (softmax − onehot) / N gives grad_h_c and the chunk's share of grad_wte in the same pass, so
+    nothing is recomputed in backward. Padded rows of wte get zero gradient.
+    """
+    n, c = h.shape
+    wide = _wide(dtype)
+    w = wte[:vocab_size].astype(dtype)  # (V, C): padded columns never enter the softmax
+
+    def chunk(h_c, t_c):
+        logits = jnp.dot(h_c.astype(dtype), w.T).astype(wide)  # (rows, V)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        loss = -jnp.take_along_axis(logp, t_c[:, None], axis=1).sum()
+        if not with_grad:
+            return loss, None, None
+        dlogits = (jnp.exp(logp) - jax.nn.one_hot(t_c, vocab_size, dtype=wide)) / n
+        dlogits = dlogits.astype(dtype)
+        return loss, jnp.dot(dlogits, w).astype(h.dtype), jnp.dot(dlogits.T, h_c.astype(dtype)).astype(wte.dtype)
+
+    full = n // chunk_rows * chunk_rows
+
+    def body(carry, inputs):
+        loss, grad_w = carry
+        l_c, gh_c, gw_c = chunk(*inputs)
+        return (loss + l_c, grad_w + gw_c if with_grad else grad_w), gh_c
+
+    loss, grad_w = jnp.zeros((), wide), jnp.zeros((vocab_size, c), wte.dtype) if with_grad else None
+    grad_h = []
+    if full:
+        (loss, grad_w), gh = jax.lax.scan(body, (loss, grad_w), (h[:full].reshape(-1, chunk_rows, c),
+                                                                 targets[:full].reshape(-1, chunk_rows)))
+        grad_h.append(gh.reshape(full, c) if with_grad else None)
+    if full < n:
+        l_c, gh_c, gw_c = chunk(h[full:], targets[full:])
+        loss, grad_w = loss + l_c, grad_w + gw_c if with_grad else None
+        grad_h.append(gh_c)
+    if not with_grad:
+        return loss / n, None, None
+    grad_h = jnp.concatenate(grad_h) if len(grad_h) > 1 else grad_h[0]
+    grad_w = jnp.pad(grad_w, ((0, wte.shape[0] - vocab_size), (0, 0)))
+    return loss / n, grad_h, grad_w
 
 
 def flatten(tree, prefix: str = "") -> dict[str, Any]:

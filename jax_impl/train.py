@@ -25,7 +25,7 @@ from common.diagnostics import diagnostic_group, summarize_diagnostics
 from common.config import Config, ConfigError, DataConfig, RunConfig, config_from_dict, model_shape_diff
 from common.plan import peak_flops as stated_peak_flops
 from jax_impl import checkpoint, dist
-from jax_impl.model import GPT, flatten, from_common, init_params, lm_loss
+from jax_impl.model import GPT, flatten, from_common, init_params
 from jax_impl.optim import build_optimizer, grad_norm, lr_schedule
 
 # run.dtype -> (compute dtype, parameter/optimizer-state dtype)
@@ -89,8 +89,9 @@ class Runtime:
         self.init_opt = jax.jit(self.tx.init, out_shardings=self.replicated)
 
     def _loss(self, params, x, y, rng, train: bool):
-        logits = self.model.apply({"params": params}, x, train=train, rngs={"dropout": rng} if train else None)
-        return lm_loss(logits, y, self.cfg.model.vocab_size)
+        # GPT.loss: the row-chunked tied head + cross-entropy (never the full (B·T, V) logits).
+        return self.model.apply({"params": params}, x, y, train=train, rngs={"dropout": rng} if train else None,
+                                method=GPT.loss)
 
     def _grads(self, params, x, y, rng):
         """(mean gradient, per-micro-step losses) over the (accum, rows, T) micro-batches."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import resource
 import statistics
 import sys
 import time
@@ -58,6 +59,7 @@ def measure(cfg: Config, steps: int, windows: int, warmup: int) -> dict:
     for _ in range(warmup - 1):
         step()
     per_step = []
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(windows):
         _sync(state.device)
         t0 = time.perf_counter()
@@ -65,6 +67,8 @@ def measure(cfg: Config, steps: int, windows: int, warmup: int) -> dict:
             step()
         _sync(state.device)
         per_step.append((time.perf_counter() - t0) / steps)
+    # Minor page faults per timed step: allocator churn (docs/performance.md, GLIBC_TUNABLES).
+    minflt = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / (steps * windows)
     sec = statistics.median(per_step)
     tokens = cfg.optim.total_batch_size
     peak, peak_source = BACKEND.peak_flops(cfg, dist)
@@ -74,7 +78,7 @@ def measure(cfg: Config, steps: int, windows: int, warmup: int) -> dict:
             "block_size": cfg.model.block_size, "batch": cfg.optim.micro_batch_size, "accum": accum,
             "tokens_per_step": tokens, "ms_per_step": sec * 1e3, "ms_windows": [s * 1e3 for s in per_step],
             "tokens_per_s": tok_s, "mfu": flops_per_token(cfg.model) * tok_s / peak,
-            "peak_tflops": peak / 1e12, "peak_source": peak_source, "first_step_s": first,
+            "peak_tflops": peak / 1e12, "peak_source": peak_source, "first_step_s": first, "minflt_per_step": minflt,
             "compile_s": None}
 
 
@@ -83,7 +87,7 @@ def line(r: dict) -> str:
     extra = f" | compile {r['compile_s']:.1f} s" if r["compile_s"] is not None else ""
     return (f"torch {mode:8s} {r['dtype']} L{r['n_layer']} C{r['n_embd']} T{r['block_size']} B{r['batch']}×{r['accum']}"
             f" | {r['ms_per_step']:.1f} ms/step | {r['tokens_per_s']:,.0f} tok/s | MFU {100 * r['mfu']:.1f}% of "
-            f"{r['peak_tflops'] * 1e3:.0f} GFLOP/s{extra}")
+            f"{r['peak_tflops'] * 1e3:.0f} GFLOP/s | {r['minflt_per_step']:,.0f} minor faults/step{extra}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

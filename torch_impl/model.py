@@ -6,6 +6,8 @@ Shapes are noted as (B, T, C): batch, time, channels; nh heads of hs = C / nh.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -19,6 +21,47 @@ from common.names import check_weights, init_std, param_shapes
 LN_EPS = 1e-5
 GELU_APPROXIMATE = "tanh"
 
+# Rows of (B·T) per chunk of the fused LM head + cross-entropy in training (0 = materialise the full
+# logits). 128 rows of the 50,257 real columns are 26 MB of fp32 logits instead of 206 MB per 1,024
+# tokens: under glibc's 32 MB mmap ceiling, so with the Makefile's malloc settings the chunk buffers
+# are reused from the heap instead of being mapped and page-faulted afresh (docs/performance.md).
+LOSS_CHUNK_ROWS = 128
+
+# fp32 matmuls through oneDNN instead of aten's MKL sgemm: MKL takes its generic path on AMD CPUs and
+# runs at about half of oneDNN's AVX-512 kernels (docs/performance.md). Same precision, another
+# summation order. Only plain fp32 eager calls take it: autocast, fp64 and torch.compile keep aten.
+ONEDNN_FP32 = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _use_onednn(*tensors: torch.Tensor) -> bool:
+    return (ONEDNN_FP32 and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b (+ bias) for 2-D a and b, without autograd; oneDNN for fp32 on CPU (strided views are fine)."""
+    if _use_onednn(a, b):
+        return torch.ops.mkldnn._linear_pointwise(a, b.t(), bias, "none", [], "")
+    return torch.addmm(bias, a, b) if bias is not None else a @ b
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """y = x @ W + b with all three matmuls of forward and backward on oneDNN."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return matmul(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        grad_x = matmul(grad_y, weight.t()) if ctx.needs_input_grad[0] else None
+        grad_w = matmul(x.t(), grad_y) if ctx.needs_input_grad[1] else None
+        grad_b = grad_y.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
+
 
 class Conv1D(nn.Module):
     """y = x @ W + b with W of shape (in, out): HF GPT-2's layout, kept to avoid transposes."""
@@ -31,6 +74,8 @@ class Conv1D(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape[:-1] + (self.weight.shape[1],)
         x2 = x.reshape(-1, x.shape[-1])
+        if _use_onednn(x2, self.weight):
+            return _OneDNNLinear.apply(x2, self.weight, self.bias).view(shape)
         y = torch.addmm(self.bias, x2, self.weight) if self.bias is not None else x2 @ self.weight
         return y.view(shape)
 
@@ -87,6 +132,7 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, eps=LN_EPS, bias=cfg.bias)
+        self.loss_chunk_rows = LOSS_CHUNK_ROWS
         self.reset_parameters()
 
     @torch.no_grad()
@@ -104,7 +150,11 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(logits (B, T, padded_vocab_size), mean cross-entropy in fp32 or None)."""
+        """(logits (B, T, padded_vocab_size), mean cross-entropy in fp32 or None).
+
+        In training mode with targets and loss_chunk_rows > 0 the logits are never materialised:
+        (None, loss) from the fused chunked head + loss. Eval mode always returns the logits.
+        """
         B, T = idx.shape
         if T > self.cfg.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than model.block_size {self.cfg.block_size}")
@@ -113,6 +163,8 @@ class GPT(nn.Module):
         for block in self.h:
             x = block(x)
         x = self.ln_f(x)
+        if targets is not None and self.training and self.loss_chunk_rows > 0:
+            return None, chunked_lm_loss(x, self.wte.weight, targets, self.cfg.vocab_size, self.loss_chunk_rows)
         logits = x @ self.wte.weight.T  # tied head: (B, T, padded_vocab_size)
         loss = None
         if targets is not None:
@@ -143,3 +195,58 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> tor
     if real.dtype != torch.float64:
         real = real.float()
     return F.cross_entropy(real.reshape(-1, vocab_size), targets.reshape(-1).long())
+
+
+
+def chunked_lm_loss(h: torch.Tensor, wte: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+                    chunk_rows: int) -> torch.Tensor:
+    """lm_loss(h @ wte.T, targets, vocab_size) computed `chunk_rows` rows at a time.
+
+    h (..., C) are the final hidden states, wte (padded_vocab_size, C) the tied embedding. Under
+    autocast the head matmuls run in the autocast dtype and the softmax in fp32, as in the unfused path.
+    """
+    device = h.device.type
+    compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+    with_grad = torch.is_grad_enabled() and (h.requires_grad or wte.requires_grad)
+    return _ChunkedLMLoss.apply(h.reshape(-1, h.shape[-1]), wte, targets.reshape(-1).long(), vocab_size,
+                                chunk_rows, compute, with_grad)
+
+
+class _ChunkedLMLoss(torch.autograd.Function):
+    """Mean cross-entropy of the tied head, its gradients computed in the same pass over the chunks.
+
+    Per chunk of rows: logp = log_softmax(h_c @ wte[:V].T), loss −= logp[target], and (when grads
+    are needed) d mean-loss / d logits = (softmax − onehot) / N, from which grad_h_c and the chunk's
+    share of grad_wte follow at once. Backward only scales the two saved gradients by the incoming scalar,
+    so nothing is recomputed and no (N, V) tensor ever exists. Padded rows of wte get zero gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, h, wte, targets, vocab_size, chunk_rows, compute, with_grad):
+        n = h.shape[0]
+        wide = torch.promote_types(compute, torch.float32)
+        with torch.autocast(h.device.type, enabled=False):  # casts below are explicit
+            w = wte[:vocab_size].to(compute)  # (V, C): padded columns never enter the softmax
+            loss = torch.zeros((), dtype=wide, device=h.device)
+            grad_h = torch.empty_like(h) if with_grad else None
+            grad_w = torch.zeros_like(wte) if with_grad else None
+            for start in range(0, n, chunk_rows):
+                h_c, t_c = h[start:start + chunk_rows].to(compute), targets[start:start + chunk_rows]
+                # log_softmax is F.cross_entropy's own first step: one fused pass over the chunk.
+                logp = torch.log_softmax(matmul(h_c, w.t()).to(wide), dim=1)  # (rows, V)
+                loss -= logp.gather(1, t_c[:, None]).sum()
+                if with_grad:  # d mean-loss / d logits = (softmax − onehot) / n, in place over logp
+                    dlogits = logp.add_(-math.log(n)).exp_()
+                    dlogits[torch.arange(len(t_c), device=h.device), t_c] -= 1.0 / n
+                    dlogits = dlogits.to(compute)
+                    grad_h[start:start + chunk_rows] = matmul(dlogits, w)
+                    grad_w[:vocab_size] += matmul(dlogits.t(), h_c)
+        ctx.save_for_backward(grad_h, grad_w)
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        if grad_h is None:
+            raise RuntimeError("chunked_lm_loss was called without gradients enabled; it cannot be differentiated")
+        return grad_h * grad_loss.to(grad_h.dtype), grad_w * grad_loss.to(grad_w.dtype), None, None, None, None, None
