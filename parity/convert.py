@@ -9,6 +9,7 @@ is bit-identical.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass, field
@@ -75,8 +76,10 @@ def read_portable(path: str | Path) -> tuple[Portable, str]:
         raise CheckpointError(f"{ckpt / 'meta.json'}: unknown backend {kind!r}")
     cfg = config_from_dict(meta["config"])
     backend = get_backend(kind)
-    dist = backend.setup(cfg)
-    state, meta = backend.load_checkpoint(ckpt, cfg, dist)
+    # Reading needs no training mesh: a run trained on N JAX devices loads in a 1-device process.
+    local = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, devices=1))
+    dist = backend.setup(local)
+    state, meta = backend.load_checkpoint(ckpt, local, dist)
     return Portable(config=cfg, weights=backend.to_common(state), step=int(meta["step"]),
                     moments=backend.optimizer_moments(state), meta=meta), kind
 
