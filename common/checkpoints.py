@@ -3,12 +3,29 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import Any
+
+from common.config import Config, ConfigError, config_from_dict, model_shape_diff
 
 CHECKPOINT_SUBDIR = "checkpoints"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the path (entry points exit with 2)."""
+
+
+def check_model_matches(path: Path, meta: dict[str, Any], cfg: Config) -> None:
+    """Refuse, naming the field, a checkpoint whose model shape differs from the config's (before any
+    framework meets mismatched tensors); intervals, max_steps and the like may change."""
+    try:
+        saved = config_from_dict(meta["config"])
+    except (KeyError, TypeError, AttributeError, ConfigError) as e:
+        raise CheckpointError(f"{path}: meta.json holds no readable config ({e})") from None
+    changed = model_shape_diff(saved.model, cfg.model)
+    if changed:
+        key = changed[0].split(".", 1)[1]
+        raise CheckpointError(f"{path}: checkpoint has {changed[0]} = {getattr(saved.model, key)}, "
+                              f"the config asks for {getattr(cfg.model, key)}")
 
 
 def step_dir_name(step: int) -> str:

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from common.backend import Backend, DistInfo
-from common.checkpoints import CheckpointError, code_version
-from common.config import (Config, ConfigError, DataConfig, build_parser, config_from_dict, model_shape_diff,
+from common.checkpoints import CheckpointError, check_model_matches, code_version
+from common.config import (Config, ConfigError, DataConfig, build_parser, config_from_dict,
                            parse_args, validate)
 from common.data import DataError, DataLoader, val_batches
 from common.hellaswag import HellaSwagError, load_examples
@@ -67,12 +67,8 @@ def ensure_data(cfg: Config, log: Callable[..., None]) -> None:
 
 
 def _check_resumable(saved: dict[str, Any], cfg: Config, path: Path) -> None:
+    check_model_matches(path, saved, cfg)
     saved_cfg = config_from_dict(saved["config"])
-    changed = model_shape_diff(saved_cfg.model, cfg.model)
-    if changed:
-        a, b = changed[0].split(".")[1], changed[0]
-        raise CheckpointError(f"{path}: cannot resume with a different {b} "
-                              f"(checkpoint {getattr(saved_cfg.model, a)}, config {getattr(cfg.model, a)})")
     if saved_cfg.optim.total_batch_size != cfg.optim.total_batch_size:
         raise CheckpointError(f"{path}: cannot resume with a different optim.total_batch_size "
                               f"(checkpoint {saved_cfg.optim.total_batch_size}, config {cfg.optim.total_batch_size})")

@@ -20,9 +20,9 @@ import optax
 from jax.sharding import Mesh
 
 from common.backend import DistInfo
-from common.checkpoints import CheckpointError
+from common.checkpoints import check_model_matches
 from common.diagnostics import diagnostic_group, summarize_diagnostics
-from common.config import Config, ConfigError, DataConfig, RunConfig, config_from_dict, model_shape_diff
+from common.config import Config, ConfigError, DataConfig, RunConfig
 from common.plan import peak_flops as stated_peak_flops
 from jax_impl import checkpoint, dist
 from jax_impl.model import GPT, flatten, from_common, init_params
@@ -159,19 +159,6 @@ def _numpy(tree) -> dict[str, np.ndarray]:
     return {k: np.array(jax.device_get(v), copy=True) for k, v in flatten(tree).items()}
 
 
-def _check_shape(path: Path, saved: dict[str, Any], cfg: Config) -> None:
-    try:
-        saved_cfg = config_from_dict(saved["config"])
-    except (KeyError, TypeError, AttributeError, ConfigError) as e:
-        raise CheckpointError(f"{path}: meta.json holds no readable config ({e})") from None
-    changed = model_shape_diff(saved_cfg.model, cfg.model)
-    if changed:
-        field = changed[0]
-        key = field.split(".", 1)[1]
-        raise CheckpointError(f"{path}: checkpoint has {field} = {getattr(saved_cfg.model, key)}, "
-                              f"the config asks for {getattr(cfg.model, key)}")
-
-
 class JaxBackend:
     name = "jax"
 
@@ -263,7 +250,7 @@ class JaxBackend:
                         ) -> tuple[TrainState, dict[str, Any]]:
         step_dir = checkpoint.resolve(Path(path))
         meta = checkpoint.read_meta(step_dir)
-        _check_shape(step_dir, meta, cfg)
+        check_model_matches(step_dir, meta, cfg)
         rt = self.runtime(cfg)
         abstract = rt.abstract_state()
         items = checkpoint.restore(step_dir, {"params": abstract.params, "opt_state": abstract.opt_state,

@@ -16,9 +16,9 @@ import torch
 
 from common import loop
 from common.backend import DistInfo
-from common.checkpoints import CheckpointError
+from common.checkpoints import CheckpointError, check_model_matches
 from common.diagnostics import diagnostic_group, summarize_diagnostics
-from common.config import Config, ConfigError, config_from_dict, model_shape_diff
+from common.config import Config
 from common.names import check_weights
 from common.plan import peak_flops
 from common.schedule import lr_at
@@ -193,19 +193,6 @@ def generate(model: GPT, prompt: list[int], num_samples: int, max_new_tokens: in
         model.train(was_training)
 
 
-def _check_shape(path: Path, saved: dict[str, Any], cfg: Config) -> None:
-    try:
-        saved_cfg = config_from_dict(saved["config"])
-    except (KeyError, TypeError, AttributeError, ConfigError) as e:
-        raise CheckpointError(f"{path}: meta.json holds no readable config ({e})") from None
-    changed = model_shape_diff(saved_cfg.model, cfg.model)
-    if changed:
-        field = changed[0]
-        key = field.split(".", 1)[1]
-        raise CheckpointError(f"{path}: checkpoint has {field} = {getattr(saved_cfg.model, key)}, "
-                              f"the config asks for {getattr(cfg.model, key)}")
-
-
 def _numpy_dtype(cfg: Config) -> type:
     return np.float64 if cfg.run.dtype == "fp64" else np.float32
 
@@ -271,7 +258,7 @@ class TorchBackend:
     def load_checkpoint(self, path: Path, cfg: Config, dist: DistInfo) -> tuple[TrainState, dict[str, Any]]:
         folder = ckpt.resolve(path)
         meta = ckpt.read_meta(folder)
-        _check_shape(folder, meta, cfg)
+        check_model_matches(folder, meta, cfg)
         weights = ckpt.read_weights(folder)
         try:
             check_weights(weights, cfg.model, str(folder / ckpt.WEIGHTS))
