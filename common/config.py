@@ -32,6 +32,9 @@ class ModelConfig:
     n_embd: int = 128
     dropout: float = 0.0
     bias: bool = True
+    # Rows of (B·T) per chunk of the fused tied head + cross-entropy in training; 0 materialises the full
+    # (B·T, padded_vocab_size) logits. A compute choice, not a shape: checkpoints move freely between values.
+    loss_chunk_rows: int = 128
 
     @property
     def head_dim(self) -> int:
@@ -224,6 +227,8 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
             f"model.padded_vocab_size ({m.padded_vocab_size}) is smaller than model.vocab_size ({m.vocab_size})")
     if m.vocab_size > 65535 + 1:
         raise ConfigError(f"model.vocab_size ({m.vocab_size}) does not fit the uint16 shard format")
+    if m.loss_chunk_rows < 0:
+        raise ConfigError(f"model.loss_chunk_rows must be ≥ 0 (0 = unfused head), got {m.loss_chunk_rows}")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
     if o.micro_batch_size <= 0 or o.total_batch_size <= 0:
@@ -264,7 +269,7 @@ def grad_accum_steps(cfg: Config, world_size: int = 1) -> int:
 def model_shape_diff(a: ModelConfig, b: ModelConfig) -> list[str]:
     """Fields that change the parameter shapes or the function computed (refused on resume)."""
     return [f"model.{f.name}" for f in dataclasses.fields(ModelConfig)
-            if f.name != "dropout" and getattr(a, f.name) != getattr(b, f.name)]
+            if f.name not in ("dropout", "loss_chunk_rows") and getattr(a, f.name) != getattr(b, f.name)]
 
 
 def config_from_dict(d: dict[str, Any]) -> Config:

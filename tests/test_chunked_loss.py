@@ -5,6 +5,8 @@ rows are not a multiple of the chunk of 8, so the remainder chunk is exercised t
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -159,3 +161,19 @@ def test_chunked_loss_under_bf16_stays_close_to_unfused(backend):
     # torch: the same bf16 logits on both paths, only the fp32 reduction order differs. XLA may round
     # the bf16 dot's output differently per shape (a few bf16 ulps of single logits), so a bf16-level bound.
     assert chunked == pytest.approx(full, rel=1e-6 if backend == "torch" else 1e-3)
+
+
+def test_model_loss_chunk_rows_config_selects_the_path_in_both_backends():
+    unfused = dataclasses.replace(CFG, loss_chunk_rows=0)
+    idx = np.random.default_rng(1).integers(0, V, (3, 16))
+    targets = np.random.default_rng(2).integers(0, V, (3, 16))
+    model = tm.GPT(unfused).train()
+    assert model.loss_chunk_rows == 0 and tm.GPT(CFG).loss_chunk_rows == 128
+    logits, _ = model(torch.tensor(idx), torch.tensor(targets))
+    assert logits.shape == (3, 16, VP)  # the unfused path materialises the logits
+    params = jm.init_params(CFG, 0)
+    by_config = float(jm.GPT(unfused).apply({"params": params}, jnp.asarray(idx), jnp.asarray(targets),
+                                            method=jm.GPT.loss))
+    explicit = float(jm.GPT(CFG).apply({"params": params}, jnp.asarray(idx), jnp.asarray(targets),
+                                       method=jm.GPT.loss, chunk_rows=0))
+    assert by_config == explicit

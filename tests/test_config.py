@@ -111,3 +111,11 @@ def test_dump_toml_round_trips(tmp_path):
     from common.config import dump_toml
     path.write_text(dump_toml(cfg))
     assert load_toml(path) == cfg
+
+
+def test_loss_chunk_rows_is_a_compute_choice_not_a_shape():
+    cfg = Config()
+    other = apply_overrides(cfg, ["--model.loss_chunk_rows", "0"])
+    assert other.model.loss_chunk_rows == 0 and model_shape_diff(cfg.model, other.model) == []
+    with pytest.raises(ConfigError, match="model.loss_chunk_rows must be ≥ 0"):
+        validate(apply_overrides(cfg, ["--model.loss_chunk_rows", "-1"]))

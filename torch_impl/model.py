@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.config import ModelConfig
+from common.cpuinfo import cpuinfo_field
 from common.names import check_weights, init_std, param_shapes
 
 
@@ -21,28 +22,41 @@ from common.names import check_weights, init_std, param_shapes
 LN_EPS = 1e-5
 GELU_APPROXIMATE = "tanh"
 
-# Rows of (B·T) per chunk of the fused LM head + cross-entropy in training (0 = materialise the full
-# logits). 128 rows of the 50,257 real columns are 26 MB of fp32 logits instead of 206 MB per 1,024
-# tokens: under glibc's 32 MB mmap ceiling, so with the Makefile's malloc settings the chunk buffers
-# are reused from the heap instead of being mapped and page-faulted afresh (docs/performance.md).
-LOSS_CHUNK_ROWS = 128
 
-# fp32 matmuls through oneDNN instead of aten's MKL sgemm: MKL takes its generic path on AMD CPUs and
-# runs at about half of oneDNN's AVX-512 kernels (docs/performance.md). Same precision, another
-# summation order. Only plain fp32 eager calls take it: autocast, fp64 and torch.compile keep aten.
-ONEDNN_FP32 = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+_ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# fp32 matmuls of the blocks through oneDNN instead of aten's MKL sgemm where MKL is slow: MKL takes its
+# generic path on non-Intel CPUs and ran at about half of oneDNN's AVX-512 kernels on the AMD EPYC
+# measured in docs/performance.md. On Intel CPUs MKL is as fast or faster for every block GEMM, and
+# oneDNN's weight-gradient GEMM (two transposed inputs, reordered by copies) is 1.3-3x slower, so they
+# stay on aten. Same precision either way, another summation order. Only plain fp32 eager CPU calls
+# take oneDNN: autocast, fp64 and torch.compile keep aten.
+ONEDNN_FP32 = _ONEDNN_AVAILABLE and cpuinfo_field("vendor_id") != "GenuineIntel"
+# The tied head's forward (K = n_embd against the 50k-wide vocabulary) is faster on oneDNN on both
+# vendors measured (Intel Xeon: 8.8 vs 12.7 ms for 128 rows x 128 x 50,257).
+ONEDNN_FP32_HEAD = _ONEDNN_AVAILABLE
 
 
-def _use_onednn(*tensors: torch.Tensor) -> bool:
-    return (ONEDNN_FP32 and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+def _use_onednn(*tensors: torch.Tensor, enabled: bool | None = None) -> bool:
+    return ((ONEDNN_FP32 if enabled is None else enabled)
+            and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
 
 
-def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """a @ b (+ bias) for 2-D a and b, without autograd; oneDNN for fp32 on CPU (strided views are fine)."""
-    if _use_onednn(a, b):
+def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, onednn: bool | None = None
+           ) -> torch.Tensor:
+    """a @ b (+ bias) for 2-D a and b, without autograd; oneDNN for fp32 on CPU where it is the faster library."""
+    if _use_onednn(a, b, enabled=onednn):
         return torch.ops.mkldnn._linear_pointwise(a, b.t(), bias, "none", [], "")
     return torch.addmm(bias, a, b) if bias is not None else a @ b
+
+
+def matmul_add_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """out += alpha · a @ b in place: aten's addmm_ folds the sum into the GEMM's own write of `out`."""
+    if _use_onednn(a, b):
+        return out.add_(matmul(a, b), alpha=alpha)
+    if out.dtype != a.dtype:  # autocast's bf16 products into fp32 accumulators
+        return out.add_(a @ b, alpha=alpha)
+    return out.addmm_(a, b, alpha=alpha)
 
 
 class _OneDNNLinear(torch.autograd.Function):
@@ -132,7 +146,7 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, eps=LN_EPS, bias=cfg.bias)
-        self.loss_chunk_rows = LOSS_CHUNK_ROWS
+        self.loss_chunk_rows = cfg.loss_chunk_rows
         self.reset_parameters()
 
     @torch.no_grad()
@@ -233,14 +247,15 @@ class _ChunkedLMLoss(torch.autograd.Function):
             for start in range(0, n, chunk_rows):
                 h_c, t_c = h[start:start + chunk_rows].to(compute), targets[start:start + chunk_rows]
                 # log_softmax is F.cross_entropy's own first step: one fused pass over the chunk.
-                logp = torch.log_softmax(matmul(h_c, w.t()).to(wide), dim=1)  # (rows, V)
+                logp = torch.log_softmax(matmul(h_c, w.t(), onednn=ONEDNN_FP32_HEAD).to(wide), dim=1)  # (rows, V)
                 loss -= logp.gather(1, t_c[:, None]).sum()
-                if with_grad:  # d mean-loss / d logits = (softmax − onehot) / n, in place over logp
-                    dlogits = logp.add_(-math.log(n)).exp_()
-                    dlogits[torch.arange(len(t_c), device=h.device), t_c] -= 1.0 / n
+                if with_grad:  # n · d mean-loss / d logits = softmax − onehot, in place over logp; the 1/n
+                    # is applied to the two small products instead of to the (rows, V) chunk.
+                    dlogits = logp.exp_()
+                    dlogits[torch.arange(len(t_c), device=h.device), t_c] -= 1.0
                     dlogits = dlogits.to(compute)
-                    grad_h[start:start + chunk_rows] = matmul(dlogits, w)
-                    grad_w[:vocab_size] += matmul(dlogits.t(), h_c)
+                    grad_h[start:start + chunk_rows] = matmul(dlogits, w).mul_(1.0 / n)
+                    matmul_add_(grad_w[:vocab_size], dlogits.t(), h_c, alpha=1.0 / n)
         ctx.save_for_backward(grad_h, grad_w)
         return loss / n
 
