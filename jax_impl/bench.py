@@ -8,6 +8,10 @@ device batch transfer as in the training loop.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before torch/jax load: glibc reads GLIBC_TUNABLES only at process start
+    from common.launch import ensure_allocator_env
+    ensure_allocator_env("jax_impl.bench")
+
 import argparse
 import dataclasses
 import json

@@ -135,7 +135,7 @@ def restore(path: Path, abstract: dict[str, Any]) -> dict[str, Any]:
 def read_common_weights(path: Path) -> dict[str, np.ndarray]:
     """The common weights (float32 numpy) of a checkpoint or run folder, for conversion and sampling."""
     from common.config import ConfigError, config_from_dict
-    from jax_impl.model import init_params, to_common
+    from jax_impl.model import abstract_params, to_common
 
     folder = resolve(path)
     meta = read_meta(folder)
@@ -146,6 +146,6 @@ def read_common_weights(path: Path) -> dict[str, np.ndarray]:
     # fp64 runs save fp64 parameters; without x64 they are read (cast by orbax) as fp32.
     dtype = np.float64 if cfg.run.dtype == "fp64" and jax.config.jax_enable_x64 else np.float32
     cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-    shapes = jax.eval_shape(lambda: init_params(cfg.model, 0, dtype))
+    shapes = abstract_params(cfg.model, dtype)
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu), shapes)
     return to_common(restore(folder, {"params": abstract})["params"])

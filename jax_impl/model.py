@@ -62,10 +62,6 @@ class Conv1D(nn.Module):
 LN_EPS = 1e-5
 GELU_TANH = True
 
-# Rows of (B·T) per chunk of the fused LM head + cross-entropy in GPT.loss (0 = materialise the full
-# logits): the same chunking as torch_impl/model.py, measured in docs/performance.md.
-LOSS_CHUNK_ROWS = 128
-
 
 class LayerNorm(nn.Module):
     """Two-pass variance and eps 1e-5 like torch (Flax's default is eps 1e-6 with E[x²] − E[x]²)."""
@@ -113,18 +109,39 @@ class CausalSelfAttention(nn.Module):
         nh, hs = cfg.n_head, C // cfg.n_head
         dense = dict(bias=cfg.bias, dtype=self.dtype, param_dtype=self.param_dtype)
         qkv = Conv1D(3 * C, init_std("attn.c_attn.weight", cfg), name="c_attn", **dense)(x)
-        q, k, v = (t.reshape(B, T, nh, hs) for t in jnp.split(qkv, 3, axis=-1))  # (B, T, nh, hs)
-        # Written out rather than jax.nn.dot_product_attention because that has no attention dropout;
-        # the math is the same (scores in the compute dtype, masked softmax in fp32, like CUDA autocast).
-        att = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (1.0 / np.sqrt(hs))  # (B, nh, T, T)
-        att = att.astype(_wide(self.dtype))
-        causal = jnp.tril(jnp.ones((T, T), dtype=bool))
-        att = jnp.where(causal, att, jnp.finfo(att.dtype).min)
-        att = jax.nn.softmax(att, axis=-1)
-        att = nn.Dropout(cfg.dropout, deterministic=not train)(att).astype(self.dtype)
-        y = jnp.einsum("bhqk,bkhd->bqhd", att, v).reshape(B, T, C)
+        q, k, v = qkv.reshape(B, T, 3, nh, hs).transpose(2, 0, 3, 1, 4)  # each (B, nh, T, hs)
+        drop = nn.Dropout(cfg.dropout, deterministic=not train) if train and cfg.dropout > 0 else None
+        y = causal_attention(q, k, v, self.dtype, drop)
+        y = y.transpose(0, 2, 1, 3).reshape(B, T, C)
         y = Conv1D(C, init_std("attn.c_proj.weight", cfg), name="c_proj", **dense)(y)
         return nn.Dropout(cfg.dropout, deterministic=not train)(y)
+
+
+# Query rows per block of causal attention (see causal_attention).
+ATTN_BLOCK_ROWS = 128
+
+
+def causal_attention(q, k, v, dtype: Dtype, dropout=None, block_rows: int = ATTN_BLOCK_ROWS):
+    """softmax(q·kᵀ/√hs, causal) · v for q, k, v of shape (B, nh, T, hs), `block_rows` query rows at a time.
+
+    Query block [s, e) is scored against keys [0, e) only, so the upper triangle, which the mask would
+    zero anyway, is mostly never computed: at T = 1024 and 128-row blocks that is 44% of the (T, T)
+    scores, as torch's flash attention skips them. Written out rather than jax.nn.dot_product_attention
+    because that has no attention dropout. The math is the same as the full masked softmax (masked
+    scores contribute exp(min − max) = 0): scores in the compute dtype, softmax in fp32, like CUDA autocast.
+    """
+    T, hs = q.shape[2], q.shape[3]
+    out = []
+    for s in range(0, T, block_rows):
+        e = min(T, s + block_rows)
+        att = jnp.einsum("bhqd,bhkd->bhqk", q[:, :, s:e], k[:, :, :e]) * (1.0 / np.sqrt(hs))  # (B, nh, e-s, e)
+        att = att.astype(_wide(dtype))
+        causal = jnp.arange(s, e)[:, None] >= jnp.arange(e)[None, :]
+        att = jax.nn.softmax(jnp.where(causal, att, jnp.finfo(att.dtype).min), axis=-1)
+        if dropout is not None:
+            att = dropout(att)
+        out.append(jnp.einsum("bhqk,bhkd->bhqd", att.astype(dtype), v[:, :, :e]))
+    return jnp.concatenate(out, axis=2) if len(out) > 1 else out[0]
 
 
 class MLP(nn.Module):
@@ -156,17 +173,40 @@ class Block(nn.Module):
         return x + MLP(self.cfg, name="mlp", **kw)(LayerNorm(name="ln_2", **ln)(x), train)
 
 
+# One lax.scan over the layers (see Blocks); False unrolls them (measured against in docs/performance.md).
+SCAN_LAYERS = True
+
+
 class Blocks(nn.Module):
-    """The layer stack, named "h" with children "0", "1", ... so the tree flattens to h.{i}.*."""
+    """The layer stack, named "h" with children "0", "1", ... so the tree flattens to h.{i}.*.
+
+    Applied as one lax.scan over the layers' parameters stacked on a leading axis: XLA compiles the
+    block once instead of n_layer unrolled copies (a tiny model's first step was mostly compilation of
+    the unrolled backward), at the price of one copy of the block parameters into the stack and of
+    their gradients out of it per step. The parameters stay per layer, in the HF layout.
+    """
     cfg: ModelConfig
     dtype: Dtype
     param_dtype: Dtype
 
     @nn.compact
     def __call__(self, x, train: bool):
-        for i in range(self.cfg.n_layer):
-            x = Block(self.cfg, self.dtype, self.param_dtype, name=str(i))(x, train)
-        return x
+        cfg = self.cfg
+        if self.is_initializing() or not SCAN_LAYERS:  # init creates the per-layer parameters h.0 ... h.{L-1}
+            for i in range(cfg.n_layer):
+                x = Block(cfg, self.dtype, self.param_dtype, name=str(i))(x, train)
+            return x
+        block = Block(cfg, self.dtype, self.param_dtype, parent=None)
+        layers = [self.variables["params"][str(i)] for i in range(cfg.n_layer)]
+        stacked = jax.tree.map(lambda *a: jnp.stack(a), *layers)
+        dropout = train and cfg.dropout > 0
+        keys = jax.random.split(self.make_rng("dropout"), cfg.n_layer) if dropout else jnp.zeros(cfg.n_layer)
+
+        def layer(h, inputs):
+            params, key = inputs
+            return block.apply({"params": params}, h, train, rngs={"dropout": key} if dropout else None), None
+
+        return jax.lax.scan(layer, x, (stacked, keys))[0]
 
 
 class GPT(nn.Module):
@@ -200,10 +240,10 @@ class GPT(nn.Module):
         return self.head(self.features(idx, train))
 
     def loss(self, idx, targets, train: bool = False, chunk_rows: int | None = None):
-        """Mean cross-entropy of the next tokens; with chunk_rows > 0 (default LOSS_CHUNK_ROWS) the
+        """Mean cross-entropy of the next tokens; with chunk_rows > 0 (default model.loss_chunk_rows) the
         head and loss run fused over row chunks and the (B·T, V) logits never exist."""
         h = self.features(idx, train)
-        chunk_rows = LOSS_CHUNK_ROWS if chunk_rows is None else chunk_rows
+        chunk_rows = self.cfg.loss_chunk_rows if chunk_rows is None else chunk_rows
         if chunk_rows <= 0:
             return lm_loss(self.head(h), targets, self.cfg.vocab_size)
         return chunked_lm_loss(h.reshape(-1, h.shape[-1]), self.wte.weight, targets.reshape(-1),
@@ -310,16 +350,30 @@ def unflatten(flat: dict[str, Any]) -> dict:
 
 def init_params(cfg: ModelConfig, seed: int, param_dtype: Dtype = jnp.float32) -> dict:
     """The GPT-2 init: normal(0.02) matrices and embeddings, 0.02/sqrt(2L) residual projections,
-    zero biases, unit LayerNorm gains."""
-    params = _jitted_init(cfg)(jax.random.PRNGKey(seed))
-    # Drawn in fp32 whatever the run's dtype, so an fp64 (parity) run starts from the fp32 run's weights.
-    return jax.tree.map(lambda p: p.astype(param_dtype), params)
+    zero biases, unit LayerNorm gains.
+
+    Drawn tensor by tensor from the weight contract, as torch_impl's reset_parameters does: the i-th
+    tensor of common.names.param_shapes from numpy's PCG64 seeded with (seed, i), in fp32 whatever the
+    run's dtype (so an fp64 parity run starts from the fp32 run's weights). Not through `GPT.init` and
+    jax.random: that traces and compiles the whole forward pass only to drop its output, and threefry
+    draws ~35M normals/s on a CPU; it took 2.5 s of a tiny run's start-up, this takes milliseconds.
+    """
+    flat = {}
+    for i, (name, shape) in enumerate(param_shapes(cfg).items()):
+        if len(shape) >= 2:
+            a = np.random.default_rng([seed, i]).standard_normal(shape, dtype=np.float32)
+            a *= np.float32(init_std(name, cfg))
+        elif name.endswith(".bias"):
+            a = np.zeros(shape, np.float32)
+        else:  # the only 1-D weights are LayerNorm gains
+            a = np.ones(shape, np.float32)
+        flat[name] = jnp.asarray(a).astype(param_dtype)
+    return unflatten(flat)
 
 
-@functools.lru_cache(maxsize=8)
-def _jitted_init(cfg: ModelConfig):
-    model = GPT(cfg)
-    return jax.jit(lambda key: model.init(key, jnp.zeros((1, 1), dtype=jnp.int32))["params"])
+def abstract_params(cfg: ModelConfig, param_dtype: Dtype = jnp.float32) -> dict:
+    """Shapes and dtypes of init_params' tree, without drawing anything (for optax/orbax templates)."""
+    return unflatten({k: jax.ShapeDtypeStruct(s, jnp.dtype(param_dtype)) for k, s in param_shapes(cfg).items()})
 
 
 def to_common(params) -> dict[str, np.ndarray]:

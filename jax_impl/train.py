@@ -7,6 +7,10 @@ its compiled programs; states of different configs can be stepped side by side.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before torch/jax load: glibc reads GLIBC_TUNABLES only at process start
+    from common.launch import ensure_allocator_env
+    ensure_allocator_env("jax_impl.train")
+
 import dataclasses
 import sys
 from pathlib import Path
@@ -25,7 +29,7 @@ from common.diagnostics import diagnostic_group, summarize_diagnostics
 from common.config import Config, ConfigError, DataConfig, RunConfig
 from common.plan import peak_flops as stated_peak_flops
 from jax_impl import checkpoint, dist
-from jax_impl.model import GPT, flatten, from_common, init_params
+from jax_impl.model import GPT, abstract_params, flatten, from_common, init_params
 from jax_impl.optim import build_optimizer, grad_norm, lr_schedule
 
 # run.dtype -> (compute dtype, parameter/optimizer-state dtype)
@@ -55,6 +59,17 @@ def set_precision(cfg: Config) -> None:
     jax.config.update("jax_default_matmul_precision", "highest" if cfg.run.dtype == "fp64" else None)
 
 
+# Compiled programs are kept here across runs unless JAX_COMPILATION_CACHE_DIR names another folder: a
+# second run of a config starts in well under a second instead of re-compiling (docs/performance.md).
+COMPILATION_CACHE_DIR = Path("~/.cache/gpt2-twin/jax").expanduser()
+
+
+def enable_compilation_cache() -> None:
+    """JAX's persistent compilation cache, on by default (JAX_COMPILATION_CACHE_DIR wins if set)."""
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(COMPILATION_CACHE_DIR))
+
+
 def replicate(tree, sharding) -> Any:
     """Host arrays -> global arrays with `sharding`; works across processes (every host holds the values)."""
     def put(a):
@@ -79,7 +94,7 @@ class Runtime:
         self.replicated = dist.param_sharding(mesh)
         self.batch_sharding, self.eval_sharding = dist.batch_sharding(mesh), dist.eval_sharding(mesh)
         self.lr = lr_schedule(cfg.optim, self.param_dtype)
-        shapes = jax.eval_shape(lambda: init_params(cfg.model, 0, self.param_dtype))
+        shapes = abstract_params(cfg.model, self.param_dtype)
         self.tx = build_optimizer(shapes, cfg, self.param_dtype)
         self.train_step = jax.jit(self._train_step, donate_argnums=0, out_shardings=self.replicated)
         self.eval_loss = jax.jit(self._eval_loss, out_shardings=self.replicated)
@@ -109,6 +124,9 @@ class Runtime:
             (_, loss), g = jax.value_and_grad(scaled_loss, has_aux=True)(params, xb, yb, jax.random.fold_in(rng, i))
             return jax.tree.map(jnp.add, grads, g), loss
 
+        if accum == 1:  # no accumulator to zero and add into: one pass over the gradients fewer
+            (_, loss), g = jax.value_and_grad(scaled_loss, has_aux=True)(params, x[0], y[0], jax.random.fold_in(rng, 0))
+            return g, loss[None]
         zeros = jax.tree.map(jnp.zeros_like, params)
         return jax.lax.scan(micro, zeros, (jnp.arange(accum), x, y))
 
@@ -147,7 +165,7 @@ class Runtime:
         """Shapes, dtypes and shardings of a state, without computing one (for orbax restores)."""
         def spec(a):
             return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self.replicated)
-        params = jax.eval_shape(lambda: init_params(self.cfg.model, 0, self.param_dtype))
+        params = abstract_params(self.cfg.model, self.param_dtype)
         opt_state = jax.eval_shape(self.tx.init, params)
         rng = jax.eval_shape(lambda: jax.random.PRNGKey(0))
         return TrainState(step=spec(jax.ShapeDtypeStruct((), jnp.int32)), params=jax.tree.map(spec, params),
@@ -184,6 +202,7 @@ class JaxBackend:
     # --- Backend protocol ------------------------------------------------------------------------
     def setup(self, cfg: Config) -> DistInfo:
         set_precision(cfg)
+        enable_compilation_cache()
         dist.initialize_distributed()
         self.mesh = dist.make_mesh(cfg)
         return dist.dist_info(self.mesh)

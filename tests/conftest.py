@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,9 @@ from common.config import Config, DataConfig, ModelConfig, OptimConfig, RunConfi
 from common.shards import write_shard
 
 TINY_VOCAB = 256
+
+# One JAX compilation cache for this test session (and its subprocesses), not the user's ~/.cache.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="gpt2-twin-jax-cache-"))
 
 
 @pytest.fixture(scope="session")

@@ -212,3 +212,32 @@ def test_hf_export_logits_match(tmp_path):
     with torch.no_grad():
         theirs = hf(torch.from_numpy(idx)).logits.numpy()
     np.testing.assert_allclose(np.asarray(ours[..., :250]), theirs, atol=1e-5, rtol=0)
+
+
+def test_scanned_layers_equal_the_unrolled_stack_and_init_matches_the_module():
+    import jax_impl.model as jm
+
+    cfg = ModelConfig(vocab_size=250, padded_vocab_size=256, block_size=16, n_layer=3, n_head=2, n_embd=32)
+    params = init_params(cfg, 0)
+    # The tree init_params draws is the one the Flax module declares (names, shapes, dtypes).
+    declared = jax.eval_shape(lambda: GPT(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"])
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), declared) == jax.tree.map(lambda a: (a.shape, a.dtype), params)
+    x = tokens((2, 16))
+    outs = {}
+    for scan in (True, False):
+        jm.SCAN_LAYERS = scan
+        try:
+            outs[scan] = np.asarray(jax.jit(GPT(cfg).apply)({"params": params}, x))
+        finally:
+            jm.SCAN_LAYERS = True
+    np.testing.assert_allclose(outs[True], outs[False], rtol=0, atol=1e-5)
+
+
+def test_blocked_causal_attention_equals_the_full_masked_softmax():
+    from jax_impl.model import causal_attention
+
+    q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, 3, 40, 8)) for i in range(3))
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k) / np.sqrt(8)
+    full = jax.nn.softmax(jnp.where(jnp.tril(jnp.ones((40, 40), bool)), scores, -jnp.inf), axis=-1) @ v
+    for rows in (40, 16, 7):  # one block, blocks with a remainder, many small blocks
+        np.testing.assert_allclose(causal_attention(q, k, v, jnp.float32, block_rows=rows), full, atol=2e-6)
