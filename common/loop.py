@@ -3,6 +3,11 @@
 Logging, evaluation, sampling and checkpoint intervals, the non-finite stop, resume and the
 metrics records are all here, so `python -m torch_impl.train` and `python -m jax_impl.train` behave
 the same by construction and differ only inside `backend.train_step` and friends.
+
+The hot loop never waits for the device: train_step's metrics stay device values (lazy under JAX's
+asynchronous dispatch) and are converted to floats in batches at flush points (every
+run.log_interval steps, at most every MAX_PENDING_STEPS steps, and before evaluation, HellaSwag,
+samples, diagnostics, checkpoints and the end), where every pending step gets its record.
 """
 from __future__ import annotations
 
@@ -27,6 +32,11 @@ from common.records import MetricsLog, format_line
 from common.shards import ShardError
 
 INPUT_ERRORS = (ConfigError, DataError, ShardError, CheckpointError, HFError, HellaSwagError)
+
+
+# With run.log_interval 0 (or larger than this), step metrics are still flushed to records at least
+# every this many steps, so the non-finite check and metrics.jsonl are never further behind.
+MAX_PENDING_STEPS = 50
 
 
 class NonFiniteError(RuntimeError):
@@ -178,58 +188,107 @@ def train(backend: Backend, cfg: Config, resume: str | None = None, weights: dic
     val_loss = None
     checkpoint = None
     run_start = time.perf_counter()
-    last = time.perf_counter()
+    window_start = run_start  # start of the current flush window's wall time
     steady: list[float] = []
     tokens = start * o.total_batch_size
-    for step in range(start, o.max_steps):
-        x, y = fixed_batch if fixed_batch is not None else loader.next_step()
-        diagnostics = None
-        if r.diagnostics_interval and step % r.diagnostics_interval == 0:
-            diagnostics = backend.diagnostics(state, x, y)  # before the step: the gradient it is about to apply
-            last = time.perf_counter()
-        state, m = backend.train_step(state, x, y)
-        loss, norm, lr = float(m["loss"]), float(m["grad_norm"]), float(m["lr"])
+    # Steps whose metrics are still device values: (step, metrics, data_ms, diagnostics). See flush().
+    pending: list[tuple[int, dict[str, Any], float, dict[str, Any] | None]] = []
+
+    def flush() -> list[dict[str, Any]]:
+        """Turn the pending steps' metrics into records: the loop's only host sync on step metrics.
+
+        Converting a device value with float() waits for the step that produced it, so doing it right
+        after every train_step would stop JAX from dispatching step N+1 while step N computes. The
+        pending steps are converted together here (every log_interval steps, at most every
+        MAX_PENDING_STEPS steps, and before anything that reads the state: evaluation, HellaSwag,
+        samples, diagnostics, checkpoints, the end of the run). The first non-finite step raises
+        NonFiniteError before any record past it is written or any checkpoint is saved. Per-step `ms`
+        of a window of n steps is the window's wall time / n (each step's own time is not observable
+        without a sync per step); the run's first step is always a window of its own (compilation).
+        """
+        nonlocal window_start, tokens
+        if not pending:
+            return []
+        values = [(float(m["loss"]), float(m["grad_norm"]), float(m["lr"])) for _, m, _, _ in pending]
         now = time.perf_counter()
-        dt, last = now - last, now
-        if not (math.isfinite(loss) and math.isfinite(norm)):
-            good = backend.latest_checkpoint(out_dir)
-            raise NonFiniteError(f"step {step}: loss {loss} / grad norm {norm} is not finite; training stopped "
-                                 f"(last good checkpoint: {good if good else 'none'})")
-        tokens += o.total_batch_size
-        tok_s = o.total_batch_size / dt
-        if step - start >= 2:  # the first steps include compilation and warm-up
-            steady.append(dt)
-        rec = {"backend": backend.name, "step": step, "loss": loss, "lr": lr, "grad_norm": norm,
-               "ms": dt * 1e3, "tokens_per_s": tok_s, "mfu": flops_tok * tok_s / (peak * dist.data_parallel_size),
-               "tokens": tokens, "elapsed_s": now - run_start}
-        if diagnostics:
-            rec.update(diagnostics)
+        dt = (now - window_start) / len(pending)
+        records = []
+        for i, ((step, _, data_ms, diagnostics), (loss, norm, lr)) in enumerate(zip(pending, values)):
+            if not (math.isfinite(loss) and math.isfinite(norm)):
+                pending.clear()
+                emit(records)  # the steps before the first non-finite one, as when every step was checked
+                good = backend.latest_checkpoint(out_dir)
+                raise NonFiniteError(f"step {step}: loss {loss} / grad norm {norm} is not finite; training "
+                                     f"stopped (last good checkpoint: {good if good else 'none'})")
+            tokens += o.total_batch_size
+            tok_s = o.total_batch_size / dt
+            if step - start >= 2:  # the first steps include compilation and warm-up
+                steady.append(dt)
+            rec = {"backend": backend.name, "step": step, "loss": loss, "lr": lr, "grad_norm": norm,
+                   "ms": dt * 1e3, "data_ms": data_ms, "tokens_per_s": tok_s,
+                   "mfu": flops_tok * tok_s / (peak * dist.data_parallel_size), "tokens": tokens,
+                   "elapsed_s": window_start + (i + 1) * dt - run_start}
+            if diagnostics:
+                rec.update(diagnostics)
+            records.append(rec)
+        pending.clear()
+        window_start = now
+        return records
+
+    def emit(records: list[dict[str, Any]]) -> None:
+        """history, metrics.jsonl, the sinks and the console line, in step order."""
+        for rec in records:
+            step, done = rec["step"], rec["step"] + 1
+            history.append(rec)
+            if metrics:
+                metrics.write(rec)
+            sinks.log(rec)
+            if r.log_interval and (step % r.log_interval == 0 or "val_loss" in rec or done == o.max_steps):
+                eta = (o.max_steps - done) * (sum(steady) / len(steady) if steady else rec["ms"] / 1e3)
+                say(format_line(rec, o.max_steps) + f" | eta {_eta(eta)}" +
+                    (" (includes compile)" if step == start else ""))
+
+    for step in range(start, o.max_steps):
         done = step + 1
-        if cfg.data.val_tokens and r.eval_interval and (done % r.eval_interval == 0 or done == o.max_steps):
+        diagnose = bool(r.diagnostics_interval and step % r.diagnostics_interval == 0)
+        if diagnose:
+            emit(flush())
+        t0 = time.perf_counter()
+        x, y = fixed_batch if fixed_batch is not None else loader.next_step()
+        data_ms = (time.perf_counter() - t0) * 1e3
+        diagnostics = None
+        if diagnose:
+            diagnostics = backend.diagnostics(state, x, y)  # before the step: the gradient it is about to apply
+            window_start = time.perf_counter()
+        state, m = backend.train_step(state, x, y)  # m stays on the device until flush()
+        pending.append((step, m, data_ms, diagnostics))
+        do_eval = bool(cfg.data.val_tokens and r.eval_interval
+                       and (done % r.eval_interval == 0 or done == o.max_steps))
+        do_hellaswag = bool(r.hellaswag_path and ((r.hellaswag_interval and done % r.hellaswag_interval == 0)
+                                                  or done == o.max_steps))
+        do_sample = bool(r.sample_interval and done % r.sample_interval == 0 and done != o.max_steps)
+        do_checkpoint = bool(r.checkpoint_interval and (done % r.checkpoint_interval == 0 or done == o.max_steps))
+        if not (step == start or done == o.max_steps or (r.log_interval and step % r.log_interval == 0)
+                or len(pending) >= MAX_PENDING_STEPS or do_eval or do_hellaswag or do_sample or do_checkpoint):
+            continue
+        records = flush()
+        rec = records[-1]  # this step's record
+        if do_eval:
             val_loss = rec["val_loss"] = evaluate(state)
-            last = time.perf_counter()  # evaluation time is not training throughput
-        if r.hellaswag_path and ((r.hellaswag_interval and done % r.hellaswag_interval == 0) or done == o.max_steps):
+        if do_hellaswag:
             rec.update(_hellaswag(backend, state, cfg))
             say(f"hellaswag at step {done}: acc {rec['hellaswag_acc']:.4f} | "
                 f"acc_norm {rec['hellaswag_acc_norm']:.4f} ({rec['hellaswag_n']} examples)")
-            last = time.perf_counter()
-        history.append(rec)
-        if metrics:
-            metrics.write(rec)
-        sinks.log(rec)
-        if r.log_interval and (step % r.log_interval == 0 or "val_loss" in rec or done == o.max_steps):
-            eta = (o.max_steps - done) * (sum(steady) / len(steady) if steady else dt)
-            say(format_line(rec, o.max_steps) + f" | eta {_eta(eta)}" +
-                (" (includes compile)" if step == start else ""))
-        if r.sample_interval and done % r.sample_interval == 0 and done != o.max_steps:
+        emit(records)
+        if do_sample:
             for text in _sample_texts(backend, state, cfg):
                 say(f"sample> {text!r}")
-            last = time.perf_counter()
-        if r.checkpoint_interval and (done % r.checkpoint_interval == 0 or done == o.max_steps):
+        if do_checkpoint:
             meta = {"step": done, "backend": backend.name, "config": cfg.to_dict(), "loader": loader.state_dict(),
                     "history": history, "code_version": code_version(), "val_loss": rec.get("val_loss")}
             checkpoint = backend.save_checkpoint(state, out_dir, done, meta, rec.get("val_loss")) or checkpoint
-            last = time.perf_counter()
+        if do_eval or do_hellaswag or do_sample or do_checkpoint:
+            window_start = time.perf_counter()  # evaluation, samples and checkpoints are not training throughput
 
     if steady:
         mean_tok_s = o.total_batch_size * len(steady) / sum(steady)

@@ -1,8 +1,10 @@
 """The metrics record both trainers write (JSON lines) and the console line they print.
 
-One line per optimizer step: {"backend", "step", "loss", "lr", "grad_norm", "ms", "tokens_per_s",
-"mfu", "tokens", "elapsed_s"} and "val_loss" on the steps where it was measured. `step` is the
-0-based index of the optimizer step; `tokens` counts tokens trained on after it.
+One line per optimizer step: {"backend", "step", "loss", "lr", "grad_norm", "ms", "data_ms",
+"tokens_per_s", "mfu", "tokens", "elapsed_s"} and "val_loss" on the steps where it was measured. `step`
+is the 0-based index of the optimizer step; `tokens` counts tokens trained on after it. `ms` is the
+step's share of its flush window's wall time (common/loop.py converts device metrics every
+log_interval steps, not every step); `data_ms` is the host time the step spent in the data loader.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-RECORD_FIELDS = ("backend", "step", "loss", "lr", "grad_norm", "ms", "tokens_per_s", "mfu", "tokens",
+RECORD_FIELDS = ("backend", "step", "loss", "lr", "grad_norm", "ms", "data_ms", "tokens_per_s", "mfu", "tokens",
                  "elapsed_s", "val_loss")
 
 

@@ -9,6 +9,10 @@ first diverging step and quantity and, at that step, the per-tensor gradient and
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before torch/jax load: glibc reads GLIBC_TUNABLES only at process start
+    from common.launch import ensure_allocator_env
+    ensure_allocator_env("parity.check")
+
 import argparse
 import dataclasses
 import json

@@ -7,6 +7,10 @@ eager and the torch.compile'd step are both measured, and compile time is report
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before torch/jax load: glibc reads GLIBC_TUNABLES only at process start
+    from common.launch import ensure_allocator_env
+    ensure_allocator_env("torch_impl.bench")
+
 import argparse
 import dataclasses
 import json

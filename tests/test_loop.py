@@ -1,0 +1,169 @@
+"""common/loop.py with a fake backend: step metrics are converted only at flush points."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from common.backend import DistInfo
+from common.loop import MAX_PENDING_STEPS, NonFiniteError, train
+from common.records import read_records
+from conftest import tiny_config
+
+
+class Counted:
+    """A lazy 'device value': counts its float() conversions in the backend that made it."""
+
+    def __init__(self, value: float, counts: dict[str, int], key: str):
+        self.value, self.counts, self.key = value, counts, key
+
+    def __float__(self) -> float:
+        self.counts[self.key] += 1
+        return self.value
+
+
+class FakeBackend:
+    """What common/loop.py calls, without a model: the state is the number of steps taken.
+
+    Loss is 1 / (step + 1), NaN from optimizer step `nan_at` on (as poisoned weights would stay
+    poisoned). `seen[k]` is how many losses had been converted when train_step k was called.
+    """
+    name = "fake"
+
+    def __init__(self, nan_at: int | None = None):
+        self.nan_at = nan_at
+        self.counts = {"loss": 0, "grad_norm": 0, "lr": 0}
+        self.seen: list[int] = []
+        self.saved: list[int] = []
+
+    def setup(self, cfg):
+        self.cfg = cfg
+        return DistInfo()
+
+    def teardown(self):
+        pass
+
+    def init_state(self, cfg, dist, weights=None, moments=None):
+        return 0
+
+    def train_step(self, state, x, y):
+        assert x.shape == y.shape and x.ndim == 3
+        self.seen.append(self.counts["loss"])
+        loss = float("nan") if self.nan_at is not None and state >= self.nan_at else 1.0 / (state + 1)
+        return state + 1, {"loss": Counted(loss, self.counts, "loss"),
+                           "grad_norm": Counted(0.5, self.counts, "grad_norm"),
+                           "lr": Counted(1e-3, self.counts, "lr")}
+
+    def evaluate(self, state, batches):
+        return sum(1 for _ in batches) and 2.0
+
+    def save_checkpoint(self, state, out_dir, step, meta, val_loss):
+        assert state == step
+        folder = Path(out_dir) / "checkpoints" / f"step_{step:08d}"
+        folder.mkdir(parents=True)
+        (folder / "meta.json").write_text(json.dumps(meta))
+        self.saved.append(step)
+        return folder
+
+    def load_checkpoint(self, path, cfg, dist):
+        folder = self.latest_checkpoint(path) if (Path(path) / "checkpoints").exists() else Path(path)
+        meta = json.loads((folder / "meta.json").read_text())
+        return meta["step"], meta
+
+    def latest_checkpoint(self, out_dir):
+        folders = sorted((Path(out_dir) / "checkpoints").glob("step_*"))
+        return folders[-1] if folders else None
+
+    def peak_flops(self, cfg, dist):
+        return 1e12, "fake"
+
+
+def config(tiny_shards, out_dir, max_steps=12, **run):
+    cfg = tiny_config(tiny_shards, out_dir, max_steps=max_steps, warmup_steps=1)
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, **run))
+
+
+def quiet(*a, **k):
+    pass
+
+
+def test_losses_are_converted_only_at_flush_points(tiny_shards, tmp_path):
+    backend = FakeBackend()
+    result = train(backend, config(tiny_shards, tmp_path, log_interval=5), log=quiet)
+    # Flushes after step 0 (its own window: compilation), 5 and 10 (log_interval) and 11 (the end).
+    assert backend.seen == [0, 1, 1, 1, 1, 1, 6, 6, 6, 6, 6, 11]
+    assert backend.counts == {"loss": 12, "grad_norm": 12, "lr": 12}
+    on_disk = read_records(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in on_disk] == list(range(12)) == [r["step"] for r in result.records]
+    assert [r["loss"] for r in on_disk] == [1.0 / (s + 1) for s in range(12)]
+    assert [r["tokens"] for r in on_disk] == [64 * (s + 1) for s in range(12)]
+    for r in on_disk:
+        assert {"backend", "step", "loss", "lr", "grad_norm", "ms", "data_ms", "tokens_per_s", "mfu", "tokens",
+                "elapsed_s"} <= set(r)
+        assert r["data_ms"] >= 0 and r["ms"] > 0
+    # ms inside a window is the window's wall time / its steps: equal within each window.
+    assert len({r["ms"] for r in on_disk[1:6]}) == 1 and len({r["ms"] for r in on_disk[6:11]}) == 1
+    elapsed = [r["elapsed_s"] for r in on_disk]
+    assert elapsed == sorted(elapsed)
+
+
+def test_nan_at_step_7_names_step_7_and_is_never_checkpointed(tiny_shards, tmp_path):
+    backend = FakeBackend(nan_at=7)
+    cfg = config(tiny_shards, tmp_path, log_interval=5, checkpoint_interval=3)
+    with pytest.raises(NonFiniteError, match=r"^step 7: .*last good checkpoint: .*step_00000006"):
+        train(backend, cfg, log=quiet)
+    # Flushed after step 8 (checkpoint 9 due): steps 6, 7, 8 were pending; no checkpoint past the NaN.
+    assert backend.saved == [3, 6]
+    assert [p.name for p in sorted((tmp_path / "checkpoints").iterdir())] == ["step_00000003", "step_00000006"]
+    assert [r["step"] for r in read_records(tmp_path / "metrics.jsonl")] == list(range(7))
+
+
+def test_nan_in_a_long_window_names_the_first_non_finite_step(tiny_shards, tmp_path):
+    backend = FakeBackend(nan_at=7)
+    with pytest.raises(NonFiniteError, match=r"^step 7: .*last good checkpoint: none"):
+        train(backend, config(tiny_shards, tmp_path, log_interval=0), log=quiet)
+    assert backend.seen == [0] + [1] * 11  # no flush between step 0 and the end: all 11 converted there
+    assert [r["step"] for r in read_records(tmp_path / "metrics.jsonl")] == list(range(7))
+
+
+def test_log_interval_zero_still_flushes_every_max_pending_steps(tiny_shards, tmp_path):
+    backend = FakeBackend()
+    steps = 2 * MAX_PENDING_STEPS + 5
+    result = train(backend, config(tiny_shards, tmp_path, max_steps=steps, log_interval=0), log=quiet)
+    n = MAX_PENDING_STEPS  # flushes after step 0, then whenever n steps are pending (steps n, 2n), and at the end
+    assert backend.seen == [0] + [1] * n + [n + 1] * n + [2 * n + 1] * 4
+    assert [r["step"] for r in result.records] == list(range(steps))
+
+
+def test_eval_and_checkpoint_flush_this_step_and_history_is_complete(tiny_shards, tmp_path):
+    backend = FakeBackend()
+    cfg = config(tiny_shards, tmp_path, log_interval=5, eval_interval=4, checkpoint_interval=4)
+    train(backend, cfg, log=quiet)
+    # Flushes after steps 0, 3 (eval + checkpoint 4), 5, 7 (8), 10, 11 (12, the end).
+    assert backend.seen == [0, 1, 1, 1, 4, 4, 6, 6, 8, 8, 8, 11]
+    records = read_records(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records if "val_loss" in r] == [3, 7, 11]
+    meta = json.loads((tmp_path / "checkpoints" / "step_00000008" / "meta.json").read_text())
+    assert [r["step"] for r in meta["history"]] == list(range(8)) and meta["history"][-1]["val_loss"] == 2.0
+
+
+def test_resume_continues_the_records(tiny_shards, tmp_path):
+    cfg = config(tiny_shards, tmp_path, log_interval=5, checkpoint_interval=6)
+    full = train(FakeBackend(), with_out_dir(cfg, tmp_path / "a"), log=quiet).records
+    train(FakeBackend(), with_out_dir(cfg, tmp_path / "b"), log=quiet)
+    # Drop the last checkpoint and resume from step 6: records 6.. are rewritten, history carries on.
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step_00000012")
+    backend = FakeBackend()
+    resumed = train(backend, with_out_dir(cfg, tmp_path / "b"), resume="latest", log=quiet)
+    assert backend.seen == [0, 1, 1, 1, 1, 5]  # steps 6..11: flushed after 6 (first), 10 and 11
+    assert [r["step"] for r in resumed.records] == list(range(12))
+    on_disk = read_records(tmp_path / "b" / "metrics.jsonl")
+    assert [r["step"] for r in on_disk] == list(range(12))
+    assert [r["loss"] for r in on_disk] == [r["loss"] for r in full]
+
+
+def with_out_dir(cfg, out_dir):
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out_dir=str(out_dir)))
