@@ -232,3 +232,10 @@ def test_bad_profile_flags_are_one_line_and_exit_2(capsys):
     assert profile.main(["--backends", "torch,tf"]) == 2
     err = capsys.readouterr().err
     assert err == "error: --backends: expected a subset of torch,jax, got 'torch,tf'\n"
+
+
+def test_jax_first_step_shows_the_warm_cache_figure_in_brackets():
+    jax = {**figures(1500, 4.0, 1400, 2.0, 0.005), "warm_first_step_s": 0.61}
+    main = bench_report({"torch": figures(3000, 0.8, 700, 1.5, 0.01), "jax": jax}, bench.SHAPES["tiny"], ratio=0.5)
+    row = bench.suite_row("tiny", "fp32", main, None, None, peaks={"fp32": 10.0}, pinned_peaks={})
+    assert "| 0.80 / 4.00 (0.61) |" in bench.format_suite_row(row)
