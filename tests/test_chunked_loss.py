@@ -177,3 +177,12 @@ def test_model_loss_chunk_rows_config_selects_the_path_in_both_backends():
     explicit = float(jm.GPT(CFG).apply({"params": params}, jnp.asarray(idx), jnp.asarray(targets),
                                        method=jm.GPT.loss, chunk_rows=0))
     assert by_config == explicit
+
+
+def test_torch_chunked_loss_refuses_a_second_backward_over_its_spent_gradients():
+    h, wte, targets = (torch.tensor(a) for a in inputs())
+    h, wte = h.float().requires_grad_(), wte.float().requires_grad_()
+    loss = tm.chunked_lm_loss(h, wte, targets, V, CHUNK)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
