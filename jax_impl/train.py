@@ -119,13 +119,16 @@ class Runtime:
             loss = self._loss(p, xb, yb, key, True)
             return loss / accum, loss  # 1/accum per micro-step: the summed gradient is the full-batch mean
 
-        def micro(grads, inputs):
-            i, xb, yb = inputs
+        def micro_grads(i, xb, yb):
             (_, loss), g = jax.value_and_grad(scaled_loss, has_aux=True)(params, xb, yb, jax.random.fold_in(rng, i))
+            return g, loss
+
+        def micro(grads, inputs):
+            g, loss = micro_grads(*inputs)
             return jax.tree.map(jnp.add, grads, g), loss
 
         if accum == 1:  # no accumulator to zero and add into: one pass over the gradients fewer
-            (_, loss), g = jax.value_and_grad(scaled_loss, has_aux=True)(params, x[0], y[0], jax.random.fold_in(rng, 0))
+            g, loss = micro_grads(0, x[0], y[0])
             return g, loss[None]
         zeros = jax.tree.map(jnp.zeros_like, params)
         return jax.lax.scan(micro, zeros, (jnp.arange(accum), x, y))

@@ -6,8 +6,6 @@ Shapes are noted as (B, T, C): batch, time, channels; nh heads of hs = C / nh.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import torch.nn as nn
