@@ -19,6 +19,8 @@ from typing import Any, Iterator, Sequence, TextIO
 
 import numpy as np
 
+from common import sampling
+
 
 @functools.lru_cache(maxsize=16)
 def _decoder(model, top_k: int, greedy: bool):
@@ -74,26 +76,6 @@ def generate(model, params, prompt: Sequence[int], num_samples: int, max_new_tok
         yield np.asarray(tok)
 
 
-class StreamDecoder:
-    """Turns a growing id list into printable increments, holding back a split UTF-8 character."""
-
-    def __init__(self, decode):
-        self.decode, self.ids, self.printed = decode, [], ""
-
-    def push(self, token: int) -> str:
-        self.ids.append(int(token))
-        text = self.decode(self.ids)
-        if text.endswith("\ufffd"):  # possibly the first bytes of a character still to come
-            return ""
-        new, self.printed = text[len(self.printed):], text
-        return new
-
-    def flush(self) -> str:
-        text = self.decode(self.ids)
-        new, self.printed = text[len(self.printed):], text
-        return new
-
-
 def load_weights(path: Path) -> tuple[Any, dict[str, np.ndarray]]:
     """(ModelConfig, common weights) from a HF GPT-2 folder or our checkpoint / run folder."""
     from common.checkpoints import CheckpointError
@@ -111,89 +93,47 @@ def load_weights(path: Path) -> tuple[Any, dict[str, np.ndarray]]:
     return cfg, ckpt.read_common_weights(folder)
 
 
-class UsageError(ValueError):
-    """A bad flag value; the message names the flag."""
+def load_model(path: Path, dtype: str = "fp32") -> tuple[Any, Any]:
+    """(GPT, params) from our checkpoint (or run folder) or a HF GPT-2 folder."""
+    import jax
 
+    from jax_impl.model import GPT, from_common
+    from jax_impl.train import DTYPES
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line on stderr, exit 2 (argparse would also print the usage)
-        raise UsageError(message)
+    jax.config.update("jax_enable_x64", dtype == "fp64")
+    cfg, weights = load_weights(path)
+    compute, param_dtype = DTYPES[dtype]
+    return GPT(cfg, dtype=compute, param_dtype=param_dtype), from_common(weights, cfg, param_dtype, source=str(path))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m jax_impl.sample", description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True, help="our checkpoint or run folder, or a HF GPT-2 folder")
-    p.add_argument("--prompt", default=None, help="prompt text (default: stdin when piped, else start from EOT)")
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=50, help="0 = no top-k filtering")
-    p.add_argument("--seed", type=int, default=1337)
+    p = sampling.build_parser("python -m jax_impl.sample", __doc__,
+                              checkpoint_help="our checkpoint or run folder, or a HF GPT-2 folder",
+                              prompt_help="prompt text (default: stdin when piped, else start from EOT)")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp64"), default="fp32", help="fp16 is torch-only")
     return p
 
 
-def _check(args: argparse.Namespace) -> None:
-    for flag, value, low in (("--num-samples", args.num_samples, 1), ("--max-new-tokens", args.max_new_tokens, 0),
-                             ("--top-k", args.top_k, 0)):
-        if value < low:
-            raise UsageError(f"{flag} must be ≥ {low}, got {value}")
-    if args.temperature < 0:
-        raise UsageError(f"--temperature must be ≥ 0, got {args.temperature}")
-    if not Path(args.checkpoint).exists():
-        raise UsageError(f"--checkpoint: {args.checkpoint} does not exist")
+def run(args: argparse.Namespace, model_params: tuple[Any, Any], prompt_text: str, out: TextIO) -> None:
+    model, params = model_params
+    prompt = sampling.encode_prompt(prompt_text, model.cfg.vocab_size)
 
-
-def run(args: argparse.Namespace, prompt_text: str, out: TextIO) -> None:
-    import jax
-
-    from common.tokenizer import decode, encode
-    from jax_impl.model import GPT, from_common
-    from jax_impl.train import DTYPES
-
-    jax.config.update("jax_enable_x64", args.dtype == "fp64")
-    cfg, weights = load_weights(Path(args.checkpoint))
-    compute, param_dtype = DTYPES[args.dtype]
-    model = GPT(cfg, dtype=compute, param_dtype=param_dtype)
-    params = from_common(weights, cfg, param_dtype, source=str(args.checkpoint))
-    prompt = encode(prompt_text) if prompt_text else []
-    bad = [t for t in prompt if t >= cfg.vocab_size]
-    if bad:
-        raise UsageError(f"--prompt: token id {bad[0]} is outside the model's vocabulary of {cfg.vocab_size}")
-    for i in range(args.num_samples):
-        if args.num_samples > 1:
-            out.write(f"{'' if i == 0 else chr(10)}--- sample {i + 1} ---\n")
-        out.write(prompt_text)
-        out.flush()
-        stream = StreamDecoder(decode)
+    def tokens(i: int):
         # One sample at a time so each streams as it is produced; seed + i makes each reproducible alone.
-        for tokens in generate(model, params, prompt, 1, args.max_new_tokens, args.temperature, args.top_k,
-                               args.seed + i):
-            out.write(stream.push(tokens[0]))
-            out.flush()
-        out.write(stream.flush() + "\n")
-        out.flush()
+        for new in generate(model, params, prompt, 1, args.max_new_tokens, args.temperature, args.top_k,
+                            args.seed + i):
+            yield new[0]
+
+    sampling.write_samples(out, prompt_text, args.num_samples, tokens)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from common.checkpoints import CheckpointError
-    from common.config import ConfigError
-    from common.hf import HFError
+    def load(args: argparse.Namespace) -> tuple[Any, Any]:
+        if not Path(args.checkpoint).exists():
+            raise sampling.UsageError(f"--checkpoint: {args.checkpoint} does not exist")
+        return load_model(Path(args.checkpoint), args.dtype)
 
-    try:
-        args = build_parser().parse_args(argv)
-        _check(args)  # flags first: a bad one must not wait for a prompt on stdin
-        if args.prompt is not None:
-            prompt_text = args.prompt
-        elif not sys.stdin.isatty():
-            prompt_text = sys.stdin.read()
-        else:
-            prompt_text = ""
-        run(args, prompt_text, sys.stdout)
-        return 0
-    except (UsageError, CheckpointError, HFError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return sampling.main(argv, build_parser(), load, run)
 
 
 if __name__ == "__main__":

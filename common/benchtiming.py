@@ -1,0 +1,111 @@
+"""What `python -m torch_impl.bench` and `python -m jax_impl.bench` share: flags, shapes, the timing loop, figures.
+
+Each backend's bench.py builds its training step and says how to wait for the device; the warm-up, the timed
+windows, the median and the throughput / MFU arithmetic live here once, so the two report the same figures.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import resource
+import statistics
+import sys
+import time
+from typing import Callable
+
+import numpy as np
+
+from common.config import Config, ConfigError, load_toml, resolve_config_path
+from common.plan import flops_per_token
+
+
+def build_parser(prog: str, doc: str, add_backend_flags: Callable[[argparse.ArgumentParser], None]
+                 ) -> argparse.ArgumentParser:
+    """The flags both benches take; `add_backend_flags` adds --dtype and the backend's own after --shape."""
+    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n")[0])
+    p.add_argument("--config", default="default", help="preset name or TOML path (model, batch, dtype)")
+    p.add_argument("--shape", choices=("default", "gpt2-124m"), default="default")
+    add_backend_flags(p)
+    p.add_argument("--steps", type=int, default=5, help="steps per timed window")
+    p.add_argument("--windows", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--json", action="store_true", help="one JSON object per line instead of text")
+    return p
+
+
+def shaped_config(config: str, shape: str, replicas: int = 1) -> Config:
+    """The preset, or for `gpt2-124m` its GPT-2-124M model with one B=1 micro-step per data-parallel replica."""
+    cfg = load_toml(resolve_config_path(config))
+    if shape == "gpt2-124m":
+        model = load_toml(resolve_config_path("gpt2-124m")).model
+        cfg = dataclasses.replace(cfg, model=model, optim=dataclasses.replace(
+            cfg.optim, micro_batch_size=1, total_batch_size=model.block_size * replicas))
+    return cfg
+
+
+def random_tokens(cfg: Config, accum: int, rows: int) -> np.ndarray:
+    """(accum, rows, block_size + 1) random ids: inputs and targets of one step, the same on both backends."""
+    return np.random.default_rng(0).integers(0, cfg.model.vocab_size, (accum, rows, cfg.model.block_size + 1),
+                                             dtype=np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    first_step_s: float
+    per_step_s: list[float]  # one per timed window
+    minflt_per_step: float
+
+
+def time_steps(step: Callable[[], object], steps: int, windows: int, warmup: int,
+               sync: Callable[[], None] = lambda: None) -> Timing:
+    """Runs `step` (which must wait for its result) 1 + (warmup - 1) + steps × windows times."""
+    t0 = time.perf_counter()
+    step()
+    first = time.perf_counter() - t0  # includes compilation when the step compiles lazily
+    for _ in range(warmup - 1):
+        step()
+    per_step = []
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(windows):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        per_step.append((time.perf_counter() - t0) / steps)
+    # Minor page faults per timed step: allocator churn (docs/performance.md, GLIBC_TUNABLES).
+    minflt = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / (steps * windows)
+    return Timing(first, per_step, minflt)
+
+
+def figures(cfg: Config, accum: int, timing: Timing, peak: float, peak_source: str, devices: int = 1) -> dict:
+    """Shape and speed fields of a bench result, in report order; `peak` is one device's FLOP/s."""
+    sec = statistics.median(timing.per_step_s)
+    tokens = cfg.optim.total_batch_size
+    tok_s = tokens / sec
+    return {"n_layer": cfg.model.n_layer, "n_embd": cfg.model.n_embd, "block_size": cfg.model.block_size,
+            "batch": cfg.optim.micro_batch_size, "accum": accum, "tokens_per_step": tokens, "ms_per_step": sec * 1e3,
+            "ms_windows": [s * 1e3 for s in timing.per_step_s], "tokens_per_s": tok_s,
+            "mfu": flops_per_token(cfg.model) * tok_s / (peak * devices), "peak_tflops": peak / 1e12,
+            "peak_source": peak_source, "first_step_s": timing.first_step_s}
+
+
+def shape_text(r: dict) -> str:
+    return f"L{r['n_layer']} C{r['n_embd']} T{r['block_size']} B{r['batch']}×{r['accum']}"
+
+
+def speed_text(r: dict) -> str:
+    return (f"{r['ms_per_step']:.1f} ms/step | {r['tokens_per_s']:,.0f} tok/s | MFU {100 * r['mfu']:.1f}% of "
+            f"{r['peak_tflops'] * 1e3:.0f} GFLOP/s")
+
+
+def print_results(results: Callable[[], list[dict]], line: Callable[[dict], str], as_json: bool) -> int:
+    """Prints each result as its text line or as JSON; a ConfigError is one `error:` line and exit code 2."""
+    try:
+        for r in results():
+            print(json.dumps(r) if as_json else line(r), flush=True)
+        return 0
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
