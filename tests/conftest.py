@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from common.config import Config, DataConfig, ModelConfig, OptimConfig, RunConfig
 from common.shards import write_shard
@@ -42,3 +43,30 @@ def tiny_config(data_dir: Path, out_dir: Path | str = "unused", **optim) -> Conf
                   data=DataConfig(dir=str(data_dir), val_tokens=256),
                   run=RunConfig(out_dir=str(out_dir), num_samples=0, eval_interval=0, checkpoint_interval=0,
                                 devices=1, progress=False))
+
+
+def twenty_step_config(data_dir: Path, out_dir: Path) -> Config:
+    """tiny_config at 8 sequences a step for 20 steps, evaluated and checkpointed every 10: long enough to learn
+    visibly and to resume from the middle. It runs on all local devices, as a plain run does (devices=0)."""
+    cfg = tiny_config(data_dir, out_dir, total_batch_size=128, max_lr=3e-3, min_lr=3e-4, warmup_steps=5,
+                      max_steps=20)
+    return with_run(cfg, eval_interval=10, checkpoint_interval=10, log_interval=0, devices=0)
+
+
+def with_optim(cfg: Config, **kw) -> Config:
+    return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, **kw))
+
+
+def with_run(cfg: Config, **kw) -> Config:
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, **kw))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run faster on one thread, and two OpenMP threads stall when the VM's vCPUs are time-sliced
+    (../shared/perf-notes.md); the setting is restored for the next module. A module asks for it with
+    `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -3,13 +3,13 @@ import dataclasses
 import sys
 
 import pytest
-import torch
 
 from common import loggers
 from common.config import ConfigError
 from common.loop import train
 from common.records import read_records
-from conftest import tiny_config
+from conftest import tiny_config, with_run
+from helpers import backend_of, quiet
 
 GROUPS = {"wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"} | {
     f"{p}.{k}" for p in ("ln_1", "ln_2", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -17,30 +17,7 @@ GROUPS = {"wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"} | {
 MATRICES = {g for g in GROUPS if g.endswith(".weight") and not g.startswith(("ln_1", "ln_2", "ln_f"))}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run faster on one thread, and two OpenMP threads stall when the VM's vCPUs are time-sliced
-    (../shared/perf-notes.md); the setting is restored for the next module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def backend_of(name):
-    if name == "torch":
-        from torch_impl.train import BACKEND
-    else:
-        from jax_impl.train import BACKEND
-    return BACKEND
-
-
-def quiet(*args, **kwargs):
-    pass
-
-
-def with_run(cfg, **kw):
-    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, **kw))
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("name", ["torch", "jax"])

@@ -13,21 +13,16 @@ from common.data import val_batches
 from common.hellaswag import render, score, load_examples
 from common.loop import train
 from common.tokenizer import encode
-from conftest import tiny_config
+from conftest import tiny_config, with_run
+from helpers import backend_of, quiet
 from jax_impl import evaluate as jax_evaluate
 from torch_impl import evaluate as torch_evaluate
 
 EVALUATORS = {"torch": torch_evaluate, "jax": jax_evaluate}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run faster on one thread, and two OpenMP threads stall when the VM's vCPUs are time-sliced
-    (../shared/perf-notes.md); the setting is restored for the next module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 HELLASWAG_ROWS = [  # the real file's schema, every field; short enough for a 64-token model
     {"ind": 24, "activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.", "ctx_b": "he",
      "ctx": "A man is sitting on a roof. he", "split": "val", "split_type": "indomain", "label": 3,
@@ -45,18 +40,6 @@ HELLASWAG_ROWS = [  # the real file's schema, every field; short enough for a 64
 ]
 
 
-def backend_of(name):
-    if name == "torch":
-        from torch_impl.train import BACKEND
-    else:
-        from jax_impl.train import BACKEND
-    return BACKEND
-
-
-def quiet(*args, **kwargs):
-    pass
-
-
 def run_cli(name, argv, tmp_path, capsys) -> tuple[int, dict | None, str]:
     out = tmp_path / f"{name}-{len(list(tmp_path.iterdir()))}.json"
     code = EVALUATORS[name].main([*argv, "--json", str(out)])
@@ -70,7 +53,7 @@ def runs(tiny_shards, tmp_path_factory) -> dict:
     out = {}
     for name in ("torch", "jax"):
         cfg = tiny_config(tiny_shards, tmp_path_factory.mktemp(f"run-{name}"), max_steps=3)
-        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, eval_interval=3, checkpoint_interval=3))
+        cfg = with_run(cfg, eval_interval=3, checkpoint_interval=3)
         result = train(backend_of(name), cfg, log=quiet)
         out[name] = (result.out_dir, result.records[-1]["val_loss"])
     return out
@@ -173,11 +156,10 @@ def test_hellaswag_every_n_steps_during_training(name, tiny_shards, tmp_path, ca
 def test_hellaswag_config_errors_name_the_field(tiny_shards, tmp_path):
     cfg = tiny_config(tiny_shards, tmp_path)
     with pytest.raises(ConfigError, match="run.hellaswag_interval"):
-        validate(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, hellaswag_interval=5)))
+        validate(with_run(cfg, hellaswag_interval=5))
     hs = write_hellaswag(tmp_path / "hs.jsonl")
     with pytest.raises(ConfigError, match="run.hellaswag_path: HellaSwag needs .* model.vocab_size is 256"):
-        train(backend_of("torch"), dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, hellaswag_path=str(hs))),
-              log=quiet)
+        train(backend_of("torch"), with_run(cfg, hellaswag_path=str(hs)), log=quiet)
 
 
 @pytest.mark.parametrize("name", ["torch", "jax"])

@@ -11,6 +11,7 @@ from common.config import ModelConfig
 from common.hf import load_hf_folder, save_hf_folder
 from common.names import init_std, param_shapes
 from common.plan import num_params
+from helpers import hf_gpt2
 from jax_impl.model import GPT, flatten, from_common, init_params, lm_loss, to_common, unflatten
 from jax_impl.sample import generate
 
@@ -182,15 +183,8 @@ def test_to_common_returns_fresh_float32_copies():
         from_common({k: v for k, v in w.items() if k != "ln_f.bias"}, TINY)
 
 
-def _hf_model(vocab=250):
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=vocab, n_positions=16, n_embd=32, n_layer=2, n_head=2,
-                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return transformers.GPT2LMHeadModel(cfg).eval()
-
-
 def test_hf_import_logits_match(tmp_path):
-    hf = _hf_model()
+    hf = hf_gpt2()
     hf.save_pretrained(tmp_path)
     cfg, weights = load_hf_folder(tmp_path)
     assert cfg == TINY

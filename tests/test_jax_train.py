@@ -1,11 +1,5 @@
 import dataclasses
-import json
 import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -14,57 +8,17 @@ import optax
 import pytest
 
 from common.checkpoints import CheckpointError
-from common.config import Config, ConfigError, DataConfig, ModelConfig, OptimConfig, RunConfig
-from common.loop import NonFiniteError, train
-from common.records import read_records
+from common.config import Config, ConfigError, ModelConfig
 from common.schedule import lr_at
-from common.shards import write_shard
+from conftest import TINY_VOCAB, twenty_step_config, with_optim, with_run
+from helpers import (SAVER_MODEL, assert_same_three_steps, batch, check_exact_resume, check_generate_is_seeded,
+                     check_retention, check_sample_cli, check_train_cli_refusals, kill_mid_save, run_python,
+                     saver_script, state_after_a_non_finite_loss, trained_three_steps_and_saved, trainer_args)
 from jax_impl import checkpoint as ckpt
 from jax_impl import sample
 from jax_impl.model import flatten, unflatten
 from jax_impl.optim import clip_by_global_norm_torch, decay_mask, lr_schedule
 from jax_impl.train import BACKEND, main
-
-ROOT = Path(__file__).resolve().parent.parent
-VOCAB = 256
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("shards")
-    rng = np.random.default_rng(0)
-    # A learnable stream (a noisy repeating pattern) so losses move visibly in a few steps.
-    pattern = rng.integers(0, VOCAB, 97)
-    train_tokens = np.tile(pattern, 400)[:30000]
-    noise = rng.random(train_tokens.size) < 0.1
-    train_tokens[noise] = rng.integers(0, VOCAB, noise.sum())
-    write_shard(folder / "tiny_train_000000.bin", train_tokens, vocab_size=VOCAB)
-    write_shard(folder / "tiny_val_000000.bin", np.tile(pattern, 30), vocab_size=VOCAB)
-    return folder
-
-
-def tiny_config(data_dir: Path, out_dir: Path, **run) -> Config:
-    return Config(
-        model=ModelConfig(vocab_size=VOCAB, padded_vocab_size=VOCAB, block_size=16, n_layer=2, n_head=2, n_embd=32),
-        optim=OptimConfig(total_batch_size=128, micro_batch_size=4, max_lr=3e-3, min_lr=3e-4, warmup_steps=5,
-                          max_steps=20),
-        data=DataConfig(dir=str(data_dir), val_tokens=256),
-        run=RunConfig(**{"eval_interval": 10, "checkpoint_interval": 10, "num_samples": 0, "log_interval": 0,
-                         "progress": False, "out_dir": str(out_dir), **run}),
-    )
-
-
-def with_optim(cfg: Config, **kw) -> Config:
-    return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, **kw))
-
-
-def with_run(cfg: Config, **kw) -> Config:
-    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, **kw))
-
-
-def batch(accum: int, rows: int, T: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    buf = np.random.default_rng(seed).integers(0, VOCAB, (accum * rows * T + 1)).astype(np.int32)
-    return buf[:-1].reshape(accum, rows, T), buf[1:].reshape(accum, rows, T)
 
 
 def new_state(cfg: Config):
@@ -80,14 +34,14 @@ def same_tree(a, b) -> bool:
 
 
 def test_weight_decay_groups_hold_exactly_the_2d_params(tmp_path):
-    state = new_state(tiny_config(tmp_path, tmp_path))
+    state = new_state(twenty_step_config(tmp_path, tmp_path))
     mask = flatten(decay_mask(state.params))
     shapes = {k: v.shape for k, v in flatten(state.params).items()}
     assert sorted(k for k, m in mask.items() if m) == sorted(k for k, s in shapes.items() if len(s) >= 2)
     assert mask["wte.weight"] and mask["h.0.attn.c_proj.weight"]
     assert not mask["h.0.ln_1.weight"] and not mask["h.0.mlp.c_fc.bias"]
     # A decayed and an undecayed parameter with zero gradient: only the first shrinks, by lr·wd.
-    cfg = tiny_config(tmp_path, tmp_path)
+    cfg = twenty_step_config(tmp_path, tmp_path)
     from jax_impl.optim import build_optimizer
     params = {"w": jnp.ones((2, 2)), "b": jnp.ones((2,))}
     tx = build_optimizer(params, cfg)
@@ -105,7 +59,7 @@ def rel_norm_diff(a: dict, b: dict, base: dict) -> float:
 
 
 def test_accumulation_matches_the_full_batch(tmp_path):
-    cfg = tiny_config(tmp_path, tmp_path)
+    cfg = twenty_step_config(tmp_path, tmp_path)
     x, y = batch(1, 8)
     xs, ys = x.reshape(2, 4, 16), y.reshape(2, 4, 16)
     state = new_state(cfg)
@@ -127,7 +81,7 @@ def test_accumulation_matches_the_full_batch(tmp_path):
 
 
 def test_schedule_is_applied_every_step(tmp_path):
-    cfg = with_optim(tiny_config(tmp_path, tmp_path), warmup_steps=3, max_steps=8, min_lr=1e-4)
+    cfg = with_optim(twenty_step_config(tmp_path, tmp_path), warmup_steps=3, max_steps=8, min_lr=1e-4)
     schedule = lr_schedule(cfg.optim, jnp.float32)
     state = new_state(cfg)
     x, y = batch(1, 2)
@@ -156,7 +110,7 @@ def test_clip_uses_torch_formula_and_reports_the_pre_clip_norm():
 
 
 def test_grad_clip_zero_reports_the_norm_without_clipping(tmp_path):
-    cfg = tiny_config(tmp_path, tmp_path)
+    cfg = twenty_step_config(tmp_path, tmp_path)
     x, y = batch(1, 4)
     clipped, m1 = BACKEND.train_step(new_state(with_optim(cfg, grad_clip=1e-3)), x, y)
     free, m2 = BACKEND.train_step(new_state(with_optim(cfg, grad_clip=0.0)), x, y)
@@ -168,31 +122,19 @@ def test_grad_clip_zero_reports_the_norm_without_clipping(tmp_path):
     assert moved_clipped < moved_free  # ...and it changed the update
 
 
-def test_exact_resume_through_the_loop(tmp_path, data_dir):
-    straight = train(BACKEND, tiny_config(data_dir, tmp_path / "a"), log=lambda *a: None)
-    assert [c.name for c in ckpt.complete_checkpoints(tmp_path / "a")] == ["step_00000010", "step_00000020"]
-    # Stopping after step 10 leaves exactly what this run saved at step 10: resume from a copy of it.
-    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
-    os.rename(tmp_path / "a" / "checkpoints" / "step_00000010", tmp_path / "b" / "checkpoints" / "step_00000010")
-    resumed = train(BACKEND, tiny_config(data_dir, tmp_path / "b"), resume="latest", log=lambda *a: None)
-    assert [r["loss"] for r in resumed.records] == [r["loss"] for r in straight.records]
-    assert [r["grad_norm"] for r in resumed.records] == [r["grad_norm"] for r in straight.records]
-    assert resumed.records[-1]["val_loss"] == straight.records[-1]["val_loss"]
-    a, b = weights_of(straight.state), weights_of(resumed.state)
-    assert all(np.array_equal(a[k], b[k]) for k in a)
-    assert straight.records[-1]["loss"] < straight.records[0]["loss"] - 0.5  # it learned something
-    meta = json.loads((tmp_path / "b" / "checkpoints" / "step_00000020" / "meta.json").read_text())
-    assert meta["step"] == 20 and meta["val_loss"] == straight.records[-1]["val_loss"]
-    assert [r["step"] for r in read_records(tmp_path / "b" / "metrics.jsonl")] == list(range(10, 20))
+def same_weights(a, b) -> bool:
+    wa, wb = weights_of(a), weights_of(b)
+    return all(np.array_equal(wa[k], wb[k]) for k in wa)
+
+
+def test_exact_resume_through_the_loop(tmp_path, tiny_shards):
+    check_exact_resume(BACKEND, ckpt, tiny_shards, tmp_path, same_weights)
 
 
 def test_checkpoint_roundtrip_restores_the_optimizer(tmp_path):
-    cfg = tiny_config(tmp_path, tmp_path)
-    state = new_state(cfg)
+    cfg = twenty_step_config(tmp_path, tmp_path)
     x, y = batch(2, 4)
-    for _ in range(3):
-        state, _ = BACKEND.train_step(state, x, y)
-    path = BACKEND.save_checkpoint(state, tmp_path, 3, {"config": cfg.to_dict(), "step": 3}, 2.5)
+    state, path = trained_three_steps_and_saved(BACKEND, cfg, x, y, tmp_path)
     assert path.name == "step_00000003" and (path / "meta.json").is_file()
     assert {p.name for p in path.iterdir()} >= {"params", "opt_state", "rng", "meta.json"}
     common = ckpt.read_common_weights(path)  # the weights come back under the common names
@@ -208,18 +150,13 @@ def test_checkpoint_roundtrip_restores_the_optimizer(tmp_path):
 
 
 def test_retention_keeps_the_newest_and_the_best(tmp_path):
-    cfg = with_run(tiny_config(tmp_path, tmp_path), keep_checkpoints=2)
-    state = new_state(cfg)
-    for step, val in zip(range(1, 6), [3.0, 1.0, 4.0, None, 6.0]):
-        BACKEND.save_checkpoint(state, tmp_path, step, {"config": cfg.to_dict(), "step": step}, val)
-    assert [c.name for c in ckpt.complete_checkpoints(tmp_path)] == ["step_00000002", "step_00000004",
-                                                                      "step_00000005"]
+    check_retention(BACKEND, ckpt, tmp_path)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
         "step_00000002", "step_00000004", "step_00000005"]
 
 
 def test_bad_checkpoints_raise_checkpoint_error_naming_the_path(tmp_path):
-    cfg = tiny_config(tmp_path, tmp_path)
+    cfg = twenty_step_config(tmp_path, tmp_path)
     state = new_state(cfg)
     dist = BACKEND.setup(cfg)
     with pytest.raises(CheckpointError, match="nowhere"):
@@ -241,7 +178,7 @@ def test_bad_checkpoints_raise_checkpoint_error_naming_the_path(tmp_path):
 
 
 def test_checkpoint_of_another_shape_refuses_to_load_naming_the_field(tmp_path):
-    cfg = tiny_config(tmp_path, tmp_path)
+    cfg = twenty_step_config(tmp_path, tmp_path)
     state = new_state(cfg)
     BACKEND.save_checkpoint(state, tmp_path, 1, {"config": cfg.to_dict(), "step": 1}, None)
     wider = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, n_embd=64))
@@ -249,48 +186,15 @@ def test_checkpoint_of_another_shape_refuses_to_load_naming_the_field(tmp_path):
         BACKEND.load_checkpoint(tmp_path, wider, BACKEND.setup(wider))
 
 
-SAVER = """
-import sys
-from pathlib import Path
-from common.config import Config, ModelConfig, RunConfig
-from jax_impl.train import BACKEND
-cfg = Config(model=ModelConfig(vocab_size=50257, padded_vocab_size=50304, block_size=64, n_layer=2, n_head=2,
-                               n_embd=256), run=RunConfig(keep_checkpoints=1))
-state = BACKEND.init_state(cfg, BACKEND.setup(cfg))
-out = Path(sys.argv[1])
-step = 0
-while True:
-    step += 1
-    BACKEND.save_checkpoint(state, out, step, {"config": cfg.to_dict(), "step": step}, None)
-    print(step, flush=True)
-"""
-
-
 def test_atomic_save_survives_sigkill(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-c", SAVER, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    # Kill while a later save is in flight: orbax's temporary folder exists then.
+    kill_mid_save(saver_script("jax_impl.train"), tmp_path, lambda p: "tmp" in p.name, poll=0.002)
     root = tmp_path / "checkpoints"
-    try:
-        assert proc.stdout.readline().strip() == "1"
-        interrupted = False
-        # Kill while a later save is in flight: orbax's temporary folder exists then.
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            if any("tmp" in p.name for p in root.iterdir()):
-                proc.send_signal(signal.SIGKILL)
-                interrupted = True
-                break
-            time.sleep(0.002)
-        assert interrupted
-    finally:
-        proc.kill()
-        proc.wait()
     steps = [p for p in root.iterdir() if p.name.startswith("step_") and "tmp" not in p.name]
     assert steps and any("tmp" in p.name for p in root.iterdir())  # the killed save's leftovers...
     newest = BACKEND.latest_checkpoint(tmp_path)
     assert newest is not None and (newest / "meta.json").is_file()  # ...never look complete
-    cfg = Config(model=ModelConfig(vocab_size=50257, padded_vocab_size=50304, block_size=64, n_layer=2, n_head=2,
-                                   n_embd=256))
+    cfg = Config(model=ModelConfig(**SAVER_MODEL))
     state, meta = BACKEND.load_checkpoint(tmp_path, cfg, BACKEND.setup(cfg))
     assert meta["step"] == int(newest.name.split("_")[1]) >= 1
     assert state.params["wte"]["weight"].shape == (50304, 256)
@@ -299,35 +203,19 @@ def test_atomic_save_survives_sigkill(tmp_path):
     assert not any("tmp" in p.name for p in root.iterdir())
 
 
-class InjectNaN:
-    """The jax backend, with the weights poisoned right before optimizer step `at`."""
-
-    def __init__(self, at: int):
-        self.at = at
-
-    def __getattr__(self, name):
-        return getattr(BACKEND, name)
-
-    def train_step(self, state, x, y):
-        if int(state.step) == self.at:
-            flat = flatten(state.params)
-            flat["h.0.mlp.c_fc.weight"] = flat["h.0.mlp.c_fc.weight"].at[0, 0].set(jnp.inf)
-            state = state.replace(params=unflatten(flat))
-        return BACKEND.train_step(state, x, y)
+def poison(state):
+    flat = flatten(state.params)
+    flat["h.0.mlp.c_fc.weight"] = flat["h.0.mlp.c_fc.weight"].at[0, 0].set(jnp.inf)
+    return state.replace(params=unflatten(flat))
 
 
-def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
-    cfg = with_run(tiny_config(data_dir, tmp_path), checkpoint_interval=2, eval_interval=0)
-    with pytest.raises(NonFiniteError, match="step 5"):
-        train(InjectNaN(at=5), cfg, log=lambda *a: None)
-    good = BACKEND.latest_checkpoint(tmp_path)
-    assert good.name == "step_00000004"
-    state, meta = BACKEND.load_checkpoint(tmp_path, cfg, BACKEND.setup(cfg))
-    assert meta["step"] == 4 and all(bool(jnp.isfinite(p).all()) for p in jax.tree.leaves(state.params))
+def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, tiny_shards):
+    state = state_after_a_non_finite_loss(BACKEND, poison, tiny_shards, tmp_path)
+    assert all(bool(jnp.isfinite(p).all()) for p in jax.tree.leaves(state.params))
 
 
 def test_bf16_autocast_runs_on_cpu_close_to_fp32(tmp_path):
-    cfg = tiny_config(tmp_path, tmp_path)
+    cfg = twenty_step_config(tmp_path, tmp_path)
     x, y = batch(2, 4)
     fp32, bf16 = new_state(cfg), new_state(with_run(cfg, dtype="bf16"))
     for _ in range(3):
@@ -342,7 +230,7 @@ def test_bf16_autocast_runs_on_cpu_close_to_fp32(tmp_path):
 
 
 def test_fp16_is_refused_and_fp64_mode_runs(tmp_path):
-    cfg = tiny_config(tmp_path, tmp_path)
+    cfg = twenty_step_config(tmp_path, tmp_path)
     with pytest.raises(ConfigError, match="run.dtype"):
         BACKEND.setup(with_run(cfg, dtype="fp16"))
     x, y = batch(2, 4)
@@ -362,7 +250,7 @@ def test_fp16_is_refused_and_fp64_mode_runs(tmp_path):
 
 
 def test_evaluate_is_the_mean_batch_loss(tmp_path):
-    cfg = tiny_config(tmp_path, tmp_path)
+    cfg = twenty_step_config(tmp_path, tmp_path)
     state = new_state(cfg)
     x, y = batch(3, 4)
     val = BACKEND.evaluate(state, zip(x, y))
@@ -376,25 +264,12 @@ def test_evaluate_is_the_mean_batch_loss(tmp_path):
 
 
 def test_generate_is_seeded_and_crops_the_context(tmp_path):
-    state = new_state(tiny_config(tmp_path, tmp_path))
-    a = np.stack(list(BACKEND.generate(state, [1, 2, 3], 3, 40, 1.0, 20, seed=7)))
-    b = np.stack(list(BACKEND.generate(state, [1, 2, 3], 3, 40, 1.0, 20, seed=7)))
-    c = np.stack(list(BACKEND.generate(state, [1, 2, 3], 3, 40, 1.0, 20, seed=8)))
-    assert a.shape == (40, 3)  # 3 + 40 tokens > block_size 16: the context was cropped
-    assert np.array_equal(a, b) and not np.array_equal(a, c)
-    assert a.max() < VOCAB
+    a = check_generate_is_seeded(BACKEND, new_state(twenty_step_config(tmp_path, tmp_path)))
+    assert a.max() < TINY_VOCAB
 
 
-def test_train_cli_and_bad_flags(tmp_path, data_dir, capsys):
-    args = ["--data.dir", str(data_dir), "--run.out_dir", str(tmp_path), "--model.vocab_size", "256",
-            "--model.padded_vocab_size", "256", "--model.block_size", "16", "--model.n_layer", "1",
-            "--model.n_embd", "32", "--optim.total_batch_size", "64", "--optim.micro_batch_size", "4",
-            "--optim.max_steps", "2", "--optim.warmup_steps", "1", "--data.val_tokens", "128",
-            "--run.num_samples", "0"]
-    assert main(args) == 0
-    assert BACKEND.latest_checkpoint(tmp_path).name == "step_00000002"
-    assert main(args + ["--model.n_layr", "2"]) == 2
-    assert main(args) == 2  # the folder already holds a run and --resume was not given
+def test_train_cli_and_bad_flags(tmp_path, tiny_shards, capsys):
+    args = check_train_cli_refusals(BACKEND, main, tiny_shards, tmp_path)
     assert main(args + ["--resume", "--devices", "64"]) == 2  # more devices than this process has
     assert main(args + ["--run.dtype", "fp16", "--resume"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -403,68 +278,28 @@ def test_train_cli_and_bad_flags(tmp_path, data_dir, capsys):
 
 
 def test_sample_cli_from_checkpoint_and_hf_folder(tmp_path, capsys):
-    import torch
-    import transformers
-
-    cfg = tiny_config(tmp_path, tmp_path)
-    state = new_state(cfg)
-    BACKEND.save_checkpoint(state, tmp_path / "run", 1, {"config": cfg.to_dict(), "step": 1}, None)
-    argv = ["--checkpoint", str(tmp_path / "run"), "--prompt", "a;b", "--num-samples", "2",
-            "--max-new-tokens", "5", "--seed", "3"]
-    assert sample.main(argv) == 0
-    out = capsys.readouterr().out
-    assert out.count("--- sample") == 2 and out.count("a;b") >= 2
-    assert sample.main(argv) == 0 and capsys.readouterr().out == out  # seeded
-    # a HF GPT-2 folder with the real vocabulary
-    torch.manual_seed(0)
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=50257, n_positions=32, n_embd=32,
-                                                              n_layer=1, n_head=2))
-    hf.save_pretrained(tmp_path / "hf")
-    assert sample.main(["--checkpoint", str(tmp_path / "hf"), "--prompt", "Hello, world",
-                        "--max-new-tokens", "8", "--temperature", "0"]) == 0
-    assert capsys.readouterr().out.startswith("Hello, world")
-    for bad in (["--checkpoint", str(tmp_path / "missing")],
-                ["--checkpoint", str(tmp_path / "run"), "--top-k", "-1"],
-                ["--checkpoint", str(tmp_path / "run"), "--prompt", "€ outside a 256-token vocabulary"],
-                ["--checkpoint", str(tmp_path / "run"), "--temperature", "hot"]):
-        assert sample.main(bad) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("error: ")
+    check_sample_cli(BACKEND, sample.main, tmp_path, capsys)
 
 
-def test_four_devices_match_one_device(tmp_path, data_dir):
-    common = ["--data.dir", str(data_dir), "--model.vocab_size", "256", "--model.padded_vocab_size", "256",
-              "--model.block_size", "16", "--model.n_layer", "2", "--model.n_embd", "32",
-              "--optim.total_batch_size", "256", "--optim.micro_batch_size", "4", "--optim.max_steps", "3",
-              "--optim.warmup_steps", "1", "--data.val_tokens", "256", "--run.eval_interval", "3",
-              "--run.num_samples", "0", "--run.checkpoint_interval", "3"]
+def test_four_devices_match_one_device(tmp_path, tiny_shards):
+    common = trainer_args(tiny_shards, {"model.n_layer": 2, "optim.total_batch_size": 256, "optim.max_steps": 3,
+                                        "data.val_tokens": 256, "run.eval_interval": 3, "run.checkpoint_interval": 3})
     # The device count is fixed when JAX starts, so 4 host devices need a fresh process; `--devices 4`
     # makes jax_impl set XLA_FLAGS before importing JAX. 4 devices × 1 micro-step vs 1 device × 4.
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    launched = subprocess.run([sys.executable, "-m", "jax_impl.train", *common, "--devices", "4",
-                               "--run.out_dir", str(tmp_path / "four")],
-                              cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
-                              timeout=300)
-    assert launched.returncode == 0, launched.stderr[-3000:]
+    launched = run_python(["-m", "jax_impl.train", *common, "--devices", "4", "--run.out_dir", str(tmp_path / "four")],
+                          env=env)
     assert "4 replicas" in launched.stdout
     assert main([*common, "--run.out_dir", str(tmp_path / "one")]) == 0
-    four, one = read_records(tmp_path / "four" / "metrics.jsonl"), read_records(tmp_path / "one" / "metrics.jsonl")
-    assert len(four) == len(one) == 3
-    for a, b in zip(four, one):
-        assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-5 * b["grad_norm"]
-    assert abs(four[-1]["val_loss"] - one[-1]["val_loss"]) < 1e-5
-    wa = ckpt.read_common_weights(BACKEND.latest_checkpoint(tmp_path / "four"))
-    wb = ckpt.read_common_weights(BACKEND.latest_checkpoint(tmp_path / "one"))
-    for k in wa:
-        np.testing.assert_allclose(wa[k], wb[k], atol=1e-5, rtol=0, err_msg=k)
+    assert_same_three_steps(BACKEND, ckpt, tmp_path / "four", tmp_path / "one")
 
 
 def test_parity_hooks_logits_grads_and_moments_roundtrip(tmp_path):
-    cfg = tiny_config(tmp_path, tmp_path)
+    cfg = twenty_step_config(tmp_path, tmp_path)
     state = new_state(cfg)
     x, y = batch(2, 4)
     logits = BACKEND.logits(state, x[0])
-    assert logits.shape == (4, 16, VOCAB) and logits.dtype == np.float32
+    assert logits.shape == (4, 16, TINY_VOCAB) and logits.dtype == np.float32
     grads = BACKEND.grads(state, x, y)
     assert {k: v.shape for k, v in grads.items()} == {k: v.shape for k, v in weights_of(state).items()}
     state, m = BACKEND.train_step(state, x, y)

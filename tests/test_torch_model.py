@@ -9,6 +9,7 @@ from common.config import ModelConfig
 from common.hf import load_hf_folder, save_hf_folder
 from common.names import init_std, param_shapes
 from common.plan import num_params
+from helpers import hf_gpt2
 from torch_impl.model import GPT, lm_loss
 from torch_impl.train import generate
 
@@ -156,15 +157,8 @@ def test_to_common_returns_fresh_float32_copies():
     assert all(torch.equal(again.state_dict()[k], v) for k, v in model.state_dict().items())
 
 
-def _hf_model(vocab=250):
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=vocab, n_positions=16, n_embd=32, n_layer=2, n_head=2,
-                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return transformers.GPT2LMHeadModel(cfg).eval()
-
-
 def test_hf_import_logits_match(tmp_path):
-    hf = _hf_model()
+    hf = hf_gpt2()
     hf.save_pretrained(tmp_path)
     cfg, weights = load_hf_folder(tmp_path)
     assert cfg == TINY
