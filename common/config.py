@@ -65,7 +65,7 @@ class DataConfig:
 class RunConfig:
     seed: int = 1337
     dtype: str = "fp32"  # fp32 | bf16 | fp16 (torch only, with GradScaler) | fp64 (parity)
-    compile: bool = False
+    compile: bool = False  # torch.compile the model (JAX always compiles its step under jit)
     device: str = "auto"  # auto | cpu | cuda
     devices: int = 0  # JAX: local devices in the data-parallel mesh (0 = all)
     log_interval: int = 1

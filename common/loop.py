@@ -125,6 +125,11 @@ def _hellaswag(backend: Backend, state: Any, cfg: Config) -> dict[str, float]:
     return {"hellaswag_acc": hs["acc"], "hellaswag_acc_norm": hs["acc_norm"], "hellaswag_n": hs["n"]}
 
 
+def _compile_label(backend_name: str, compile_flag: bool) -> str:
+    """run.compile is torch.compile; JAX's step is compiled by jit whatever the flag says."""
+    return "jit" if backend_name == "jax" else f"compile {compile_flag}"
+
+
 def _eta(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
@@ -175,7 +180,7 @@ def train(backend: Backend, cfg: Config, resume: str | None = None, weights: dic
         say(line)
     peak, peak_source = backend.peak_flops(cfg, dist)
     say(f"backend: {backend.name} on {dist.device} ({dist.data_parallel_size} replicas, "
-        f"{dist.process_count} processes), dtype {r.dtype}, compile {r.compile}; "
+        f"{dist.process_count} processes), dtype {r.dtype}, {_compile_label(backend.name, r.compile)}; "
         f"MFU against {peak / 1e12:.3g} TFLOP/s per replica ({peak_source})")
     say(f"output: {out_dir}")
 

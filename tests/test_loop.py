@@ -167,3 +167,14 @@ def test_resume_continues_the_records(tiny_shards, tmp_path):
 
 def with_out_dir(cfg, out_dir):
     return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out_dir=str(out_dir)))
+
+
+@pytest.mark.parametrize("name, flag, label", [("torch", True, "compile True"), ("torch", False, "compile False"),
+                                               ("jax", False, "jit"), ("jax", True, "jit")])
+def test_backend_line_says_how_the_step_is_compiled(tiny_shards, tmp_path, name, flag, label):
+    backend = FakeBackend()
+    backend.name = name
+    lines = []
+    train(backend, config(tiny_shards, tmp_path, max_steps=1, compile=flag), log=lambda *a, **k: lines.append(a[0]))
+    [line] = [s for s in lines if s.startswith("backend: ")]
+    assert f"dtype fp32, {label}; MFU" in line
