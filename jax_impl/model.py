@@ -144,6 +144,38 @@ def causal_attention(q, k, v, dtype: Dtype, dropout=None, block_rows: int = ATTN
     return jnp.concatenate(out, axis=2) if len(out) > 1 else out[0]
 
 
+_GELU_BETA = float(np.sqrt(2.0 / np.pi))  # Python floats are weakly typed: bf16 stays bf16
+_GELU_KAPPA = 0.044715
+
+
+@jax.custom_vjp
+def gelu_tanh(x):
+    """GPT-2's tanh GELU, x · ½(1 + tanh(√(2/π)(x + 0.044715x³))), as jax.nn.gelu(approximate=True).
+
+    Its own VJP keeps only x for the backward pass, as torch's GeluBackward does. Autodiff of the
+    formula keeps four more (B, T, 4C) intermediates per layer, which lax.scan stacks over the layers
+    (and zero-fills) every step: 0.6 GB of extra traffic per GPT-2 124M step.
+    """
+    return jax.nn.gelu(x, approximate=True)
+
+
+def _gelu_tanh_fwd(x):
+    return gelu_tanh(x), x
+
+
+def _gelu_tanh_bwd(x, dy):
+    # torch's GeluBackward (tanh) term for term, in fp32 for bf16 inputs as torch's CPU kernel computes.
+    x, wide_dy = x.astype(_wide(x.dtype)), dy.astype(_wide(x.dtype))
+    x_sq = x * x
+    tanh_inner = jnp.tanh(_GELU_BETA * (x + _GELU_KAPPA * (x_sq * x)))
+    left_derivative = 0.5 * (1 + tanh_inner)
+    right_derivative = (0.5 * x) * (1 - tanh_inner * tanh_inner) * (_GELU_BETA * (1 + 3 * _GELU_KAPPA * x_sq))
+    return ((wide_dy * (left_derivative + right_derivative)).astype(dy.dtype),)
+
+
+gelu_tanh.defvjp(_gelu_tanh_fwd, _gelu_tanh_bwd)
+
+
 class MLP(nn.Module):
     cfg: ModelConfig
     dtype: Dtype
@@ -154,7 +186,7 @@ class MLP(nn.Module):
         cfg = self.cfg
         dense = dict(bias=cfg.bias, dtype=self.dtype, param_dtype=self.param_dtype)
         h = Conv1D(4 * cfg.n_embd, init_std("mlp.c_fc.weight", cfg), name="c_fc", **dense)(x)
-        h = jax.nn.gelu(h, approximate=GELU_TANH)  # GPT-2's tanh GELU, explicitly (torch's default is erf)
+        h = gelu_tanh(h) if GELU_TANH else jax.nn.gelu(h, approximate=False)  # torch's default is erf
         h = Conv1D(cfg.n_embd, init_std("mlp.c_proj.weight", cfg), name="c_proj", **dense)(h)
         return nn.Dropout(cfg.dropout, deterministic=not train)(h)
 
@@ -284,7 +316,7 @@ def _chunked_pass(h, wte, targets, vocab_size, chunk_rows, dtype, with_grad: boo
     """(mean loss, grad_h, grad_wte) — grads None unless with_grad — over full chunks in a lax.scan
     (XLA keeps one chunk's logits alive) plus a remainder chunk when chunk_rows does not divide N.
 
-    Per chunk: logp = log_softmax(h_c @ wte[:V].T), loss −= logp[target], and d mean-loss / d logits
+    Per chunk: loss += logsumexp(h_c @ wte[:V].T) − logit[target], and d mean-loss / d logits
     = (softmax − onehot) / N gives grad_h_c and the chunk's share of grad_wte in the same pass, so
     nothing is recomputed in backward. Padded rows of wte get zero gradient.
     """
@@ -294,11 +326,17 @@ def _chunked_pass(h, wte, targets, vocab_size, chunk_rows, dtype, with_grad: boo
 
     def chunk(h_c, t_c):
         logits = jnp.dot(h_c.astype(dtype), w.T).astype(wide)  # (rows, V)
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        loss = -jnp.take_along_axis(logp, t_c[:, None], axis=1).sum()
+        # exp(logits − max) once, for both the logsumexp and the softmax: log_softmax followed by exp
+        # evaluates the exponentials twice, and that pass was 9-26% of the head + loss here (A/B in
+        # docs/performance.md). torch's log_softmax kernel does not pay for it the same way.
+        top = logits.max(axis=-1, keepdims=True)
+        e = jnp.exp(logits - top)
+        total = e.sum(axis=-1, keepdims=True)
+        target_logit = jnp.take_along_axis(logits, t_c[:, None], axis=1)
+        loss = (top + jnp.log(total) - target_logit).sum()
         if not with_grad:
             return loss, None, None
-        dlogits = (jnp.exp(logp) - jax.nn.one_hot(t_c, vocab_size, dtype=wide)) / n
+        dlogits = (e / total - jax.nn.one_hot(t_c, vocab_size, dtype=wide)) / n
         dlogits = dlogits.astype(dtype)
         return loss, jnp.dot(dlogits, w).astype(h.dtype), jnp.dot(dlogits.T, h_c.astype(dtype)).astype(wte.dtype)
 
