@@ -16,6 +16,7 @@ import numpy as np
 
 from common.bpb import bits_per_byte, perplexity, utf8_bytes_of_targets
 from common.checkpoints import CheckpointError
+from common.cli import Parser, UsageError
 from common.config import ConfigError
 from common.data import DataError, val_batches
 from common.hellaswag import HellaSwagError, evaluate_hellaswag
@@ -24,15 +25,6 @@ from common.shards import ShardError
 from common.tokenizer import VOCAB_SIZE
 
 DEFAULT_BATCH_SIZE = 4  # rows per batch for a Hugging Face folder, whose files record no batch size
-
-
-class UsageError(ValueError):
-    """A bad flag value; the message names the flag."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line on stderr, exit 2 (argparse would also print the usage)
-        raise UsageError(message)
 
 
 LossesFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -67,7 +59,7 @@ def hellaswag_metrics(losses_fn: LossesFn, path: str | Path, vocab_size: int, bl
 
 
 def build_parser(backend: str, dtypes: Sequence[str]) -> argparse.ArgumentParser:
-    p = _Parser(prog=f"python -m {backend}_impl.evaluate",
+    p = Parser(prog=f"python -m {backend}_impl.evaluate",
                 description="Score a checkpoint: val loss, perplexity, bits per byte, HellaSwag.")
     p.add_argument("--checkpoint", required=True,
                    help="torch or JAX checkpoint or run folder, or a Hugging Face GPT-2 folder")

@@ -11,22 +11,14 @@ import sys
 from typing import Any, Callable, Iterable, Sequence, TextIO
 
 from common.checkpoints import CheckpointError
+from common.cli import Parser, UsageError
 from common.config import ConfigError
 from common.hf import HFError
 
 
-class UsageError(ValueError):
-    """A bad flag value; the message names the flag."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line on stderr, exit 2 (argparse would also print the usage)
-        raise UsageError(message)
-
-
 def build_parser(prog: str, doc: str, checkpoint_help: str, prompt_help: str) -> argparse.ArgumentParser:
     """The flags both backends take; each adds its --dtype choices (and any flag of its own) after them."""
-    p = _Parser(prog=prog, description=doc.split("\n")[0])
+    p = Parser(prog=prog, description=doc.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help=checkpoint_help)
     p.add_argument("--prompt", default=None, help=prompt_help)
     p.add_argument("--num-samples", type=int, default=1)

@@ -26,6 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from common.cli import Parser, UsageError
 from common.config import (Config, ConfigError, apply_overrides, dump_toml, load_toml, resolve_config_path,
                            validate)
 
@@ -34,15 +35,6 @@ RESULT_TAG = "SWEEP-RESULT "  # marks the child's one result line among library 
 EXIT_OOM, EXIT_GUARD = 3, 4
 WARMUP_STEPS = 2  # compilation, and torch's allocator settling: the first two steps are not timed
 GIB = 2 ** 30
-
-
-class UsageError(ValueError):
-    """A bad flag value; the message names the flag."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line on stderr, exit 2 (argparse would also print the usage)
-        raise UsageError(message)
 
 
 def with_micro_batch(cfg: Config, micro_batch: int, replicas: int = 1) -> Config:
@@ -159,7 +151,7 @@ def predict_peak(rows: list[dict[str, Any]], micro_batch: int) -> float | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m parity.sweep", description=__doc__.split("\n")[0])
+    p = Parser(prog="python -m parity.sweep", description=__doc__.split("\n")[0])
     p.add_argument("--backend", required=True, choices=("torch", "jax"))
     p.add_argument("--config", default="default", help="preset name in configs/ or a TOML path")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16", "fp64"), default=None,
