@@ -286,3 +286,26 @@ def test_bench_results_print_as_lines_or_json_and_bad_input_is_one_line(capsys):
         raise ConfigError("--steps must be ≥ 1")
     assert benchtiming.print_results(bad, str, as_json=False) == 2
     assert capsys.readouterr().err == "error: --steps must be ≥ 1\n"
+
+
+def test_torch_compile_is_timed_with_an_empty_inductor_cache(monkeypatch, tiny_shards, tmp_path):
+    """A warm inductor cache would make the figure a cache hit (11-25 s instead of 24-56 s measured here)."""
+    seen = {}
+
+    class FakeWorker:
+        def __init__(self, name, cfg_path, weights_path, pin, extra_env=None):
+            seen.update(name=name, env=extra_env, compile=bench.load_toml(cfg_path).run.compile)
+            cache = Path(extra_env["TORCHINDUCTOR_CACHE_DIR"])
+            seen["cache_was_empty"] = not cache.exists() or not any(cache.iterdir())
+
+        def read(self):
+            return {"first_step_s": 42.5}
+
+        def close(self):
+            return {}
+
+    monkeypatch.setattr(bench, "Worker", FakeWorker)
+    first = bench.torch_compile_first_step(tiny_config(tiny_shards, tmp_path), {"GLIBC_TUNABLES": "x"})
+    assert first == 42.5
+    assert seen["name"] == "torch" and seen["compile"] is True and seen["cache_was_empty"]
+    assert seen["env"]["GLIBC_TUNABLES"] == "x"
