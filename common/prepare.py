@@ -165,6 +165,15 @@ def _encode_chunk(chunk: list[Document]) -> np.ndarray:
     return np.concatenate(pieces).astype(np.uint16)
 
 
+def _pool_context() -> multiprocessing.context.BaseContext:
+    """fork, unless JAX or torch is already loaded here (the trainers prepare the default corpus after
+    importing theirs): forking a process whose framework threads are running can deadlock the child, and
+    JAX warns that it will. forkserver forks the workers from a fresh single-threaded server instead,
+    each loading the tokenizer once (~0.3 s) rather than inheriting it."""
+    threaded = any(name in sys.modules for name in ("jax", "torch"))
+    return multiprocessing.get_context("forkserver" if threaded else "fork")
+
+
 class _ShardWriter:
     """Fills shard-sized buffers from a token stream; shard 0 (val_tokens long) is the val split."""
 
@@ -253,7 +262,7 @@ def prepare(documents: Iterable[Document], out_dir: str | Path, name: str, shard
         if workers == 1:
             encoded = map(_encode_chunk, _chunks(documents))
         else:
-            pool = stack.enter_context(multiprocessing.Pool(workers))
+            pool = stack.enter_context(_pool_context().Pool(workers))
             encoded = pool.imap(_encode_chunk, _chunks(documents))
         bar = stack.enter_context(tqdm(unit="tok", unit_scale=True, desc=f"tokenizing {name}", disable=not verbose,
                                        file=sys.stderr, mininterval=0.5))

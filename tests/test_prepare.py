@@ -1,5 +1,9 @@
 import hashlib
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -10,6 +14,7 @@ from common import prepare as P
 from common.shards import read_header, read_shard
 from common.tokenizer import EOT, encode
 
+ROOT = Path(__file__).resolve().parent.parent
 DOCS = ["Hello world", "Second document.\nWith two lines.", "<|endoftext|> is text here", "", "中文 🚀"]
 
 
@@ -172,3 +177,23 @@ def test_ensure_default_data(tmp_path, monkeypatch):
     assert P.ensure_default_data(folder) == folder
     assert (folder / "manifest.json").stat().st_mtime_ns == mtime
 
+
+
+def test_workers_do_not_fork_a_process_that_loaded_jax(tmp_path):
+    """The trainers prepare the default corpus after importing JAX, which warns (RuntimeWarning) that
+    os.fork() may deadlock; the workers then come from a forkserver, with the same bytes."""
+    script = f"""
+import warnings
+import jax  # noqa: F401  (its at-fork hook warns on os.fork)
+warnings.simplefilter("error")
+from common import prepare as P
+P.CHUNK_CHARS = 40
+texts = [f"document {{i}}: " + "lorem ipsum " * (i % 7) for i in range(200)]
+assert P._pool_context().get_start_method() == "forkserver"
+P.prepare(texts, {str(tmp_path / 'w2')!r}, "d", shard_size=300, val_tokens=100, workers=2, verbose=False)
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    texts = [f"document {i}: " + "lorem ipsum " * (i % 7) for i in range(200)]
+    assert read_all(tmp_path / "w2")[1] == expected_stream(texts)
