@@ -315,7 +315,8 @@ def torch_compile_first_step(cfg: Config, extra_env: dict[str, str]) -> float:
     with tempfile.TemporaryDirectory(prefix="parity-bench-") as tmp:
         path = Path(tmp) / "config.toml"
         path.write_text(dump_toml(compiled))
-        w = Worker("torch", path, None, None, {**extra_env, "TORCHINDUCTOR_CACHE_DIR": str(Path(tmp) / "inductor")})
+        env = {**extra_env, "TORCHINDUCTOR_CACHE_DIR": str(Path(tmp) / "inductor")}
+        w = Worker("torch", path, None, None, env)
         first = w.read()
         w.close()
     return first["first_step_s"]
@@ -430,10 +431,10 @@ def suite_notes(pin: str | None) -> list[str]:
     notes = ["tok/s: median of interleaved timed windows (both workers: same init weights, same batches). "
              "JAX/torch: median of the same-round tok/s ratios. First step: torch eager's first step; JAX's is "
              "jit compilation + the first execution, with an empty compilation cache (cold) and, in brackets, in a "
-             "second process on the cache the first one filled (warm: every later run). torch.compile s: a torch worker with "
-             "run.compile=true and an empty inductor cache, its first step minus the eager first step (— unless "
-             "--compile-time). Loader: DataLoader.next_step() "
-             "per step and its share of the step time (included in tok/s, as in the trainer)."]
+             "second process on the cache the first one filled (warm: every later run). torch.compile s: a torch "
+             "worker with run.compile=true and an empty inductor cache, its first step minus the eager first step "
+             "(— unless --compile-time). Loader: DataLoader.next_step() per step and its share of the step time "
+             "(included in tok/s, as in the trainer)."]
     if pin is not None:
         notes.append(f"1 CPU: the same row re-run with both workers under `taskset -c {pin}`.")
     return notes
