@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 
 from common.config import ConfigError, apply_overrides, load_toml, resolve_config_path, validate
-from common.data import DataError, DataLoader
+from common.data import DataLoader
 from common.loop import INPUT_ERRORS, ensure_data
 
 
