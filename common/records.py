@@ -34,11 +34,34 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
 
+class RecordsError(ValueError):
+    """A metrics file that cannot be read; the message names the file and line."""
+
+
+REQUIRED = ("step", "loss")
+
+
 def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl, validated line by line (each a JSON object with a numeric step and loss)."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecordsError(f"{path}: cannot read: {getattr(e, 'strerror', None) or e}") from None
     records = []
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
-            records.append(json.loads(line))
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise RecordsError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(rec, dict):
+            raise RecordsError(f"{path}:{lineno}: expected a JSON object per line")
+        missing = [k for k in REQUIRED if not isinstance(rec.get(k), (int, float)) or isinstance(rec.get(k), bool)]
+        if missing:
+            raise RecordsError(f"{path}:{lineno}: missing or non-numeric field(s) {', '.join(missing)}")
+        records.append(rec)
     return records
 
 
