@@ -1,7 +1,7 @@
 """`python -m parity.check`: train PyTorch and JAX from one init on the same batches, compare every step.
 
-One initialization (torch's, moved to JAX through the same common-weights conversion users get),
-the same batches from the shared loader, the same config. Per step: loss (abs diff), pre-clip grad
+One initialization (common.names.init_weights: both backends draw the same arrays from the seed), the
+same batches from the shared loader, the same config. Per step: loss (abs diff), pre-clip grad
 norm (relative diff) and lr; at step 0 the logits and every tensor's gradient; at the end every
 parameter (relative to how far it moved) and AdamW's moments. Tolerances are in `TOLERANCES`, chosen
 from the measured aligned envelope (docs/parity.md). Exit 0 when all agree, 1 otherwise, naming the
@@ -39,8 +39,8 @@ class Tolerances:
     moments: float  # AdamW m and v at the end, relative L2 over all parameters
 
 
-# About 10× the envelope measured with every op aligned (docs/parity.md, ../shared/parity-notes.md),
-# so each single misalignment listed there fails at least one of these.
+# About 10× the envelope measured with every op aligned (docs/parity.md), so each single misalignment
+# listed there fails at least one of these.
 TOLERANCES = {
     "fp32": Tolerances(logits=1e-5, loss=2e-5, grad_norm=1e-4, grads=1e-5, params=1e-4, moments=5e-6),
     "fp64": Tolerances(logits=1e-10, loss=1e-10, grad_norm=1e-10, grads=1e-10, params=1e-10, moments=1e-10),
@@ -96,29 +96,29 @@ class Pair:
     init: dict[str, np.ndarray]
 
 
-def pin_full_precision() -> None:
-    """GPUs default to TF32 (and JAX on TPU to one-pass bf16) matmuls for fp32; parity compares full
-    precision on both sides (CPUs ignore these settings)."""
-    import jax
+def pin_full_precision(cfg, tdist) -> None:
+    """Full-precision matmuls on both sides whatever the dtype (GPUs default to TF32, and JAX on TPU to
+    one-pass bf16, for fp32): each backend's own precision switch, with exact=True."""
     import torch
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.set_float32_matmul_precision("highest")
-    jax.config.update("jax_default_matmul_precision", "highest")
+
+    from jax_impl.dist import set_precision as jax_precision
+    from torch_impl.dist import set_precision as torch_precision
+
+    torch_precision(cfg.run.dtype, torch.device(tdist.device), exact=True)
+    jax_precision(cfg.run.dtype, exact=True)
 
 
 def start_pair(cfg, backends=None) -> Pair:
+    """Both backends at step 0 of `cfg`: each draws the common init of run.seed, checked to be identical."""
     tb, jb = backends or load_backends()
     tdist, jdist = tb.setup(cfg), jb.setup(cfg)
-    pin_full_precision()  # after setup, which sets the trainers' own (fast) defaults
-    ts = tb.init_state(cfg, tdist)
-    init = {k: np.array(v, copy=True) for k, v in tb.to_common(ts).items()}
-    # A copy, never a view: torch's in-place AdamW would otherwise move JAX's weights too on CPU.
-    js = jb.init_state(cfg, jdist, weights={k: np.array(v, copy=True) for k, v in init.items()})
+    pin_full_precision(cfg, tdist)  # after setup, which sets the trainers' own (fast) defaults
+    ts, js = tb.init_state(cfg, tdist), jb.init_state(cfg, jdist)
+    init = tb.to_common(ts)
     moved = tensor_diffs(init, jb.to_common(js))
     bad = [k for k, d in moved.items() if d != 0.0]
     if bad:
-        raise AssertionError(f"conversion torch → JAX is not exact for {bad[:3]}")
+        raise AssertionError(f"the two backends' initial weights differ for {bad[:3]}")
     return Pair(tb, jb, ts, js, init)
 
 
