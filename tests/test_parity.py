@@ -54,7 +54,7 @@ def test_layernorm_eps_perturbation_fails_at_step_0(tiny_shards, monkeypatch):
 
 def test_erf_gelu_perturbation_is_caught(tiny_shards, monkeypatch):
     import jax_impl.model
-    monkeypatch.setattr(jax_impl.model, "GELU_TANH", False)
+    monkeypatch.setattr(jax_impl.model, "gelu_tanh", lambda x: jax.nn.gelu(x, approximate=False))  # torch's default
     report = run(validate(tiny_config(tiny_shards, max_steps=3)))
     assert not report["passed"]
     assert report["first_failure"]["step"] == 0
