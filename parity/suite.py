@@ -21,7 +21,7 @@ import numpy as np
 from common.checkpoints import CheckpointMeta
 from common.config import Config, dump_toml
 from common.portable import read_portable
-from parity.check import Tolerances, make_loader, start_pair, tensor_diffs
+from parity.compare import Tolerances, make_loader, start_pair, tensor_diffs
 from parity.convert import write_portable
 
 ROOT = Path(__file__).resolve().parent.parent
