@@ -1,4 +1,5 @@
 import dataclasses
+import json
 import os
 
 import numpy as np
@@ -7,6 +8,7 @@ import torch
 
 from common.checkpoints import META, CheckpointError, latest_checkpoint
 from common.config import Config, ModelConfig
+from common.portable import read_portable
 from common.schedule import lr_at
 from conftest import twenty_step_config, with_optim, with_run
 from helpers import (SAVER_MODEL, assert_same_three_steps, batch, check_exact_resume, check_generate_is_seeded,
@@ -256,3 +258,17 @@ def test_sample_module_reads_the_prompt_from_stdin(tmp_path):
     done = run_python(["-m", "torch_impl.sample", "--checkpoint", str(tmp_path), "--max-new-tokens", "4",
                        "--top-k", "5"], timeout=120, input="x,y")
     assert done.stdout.startswith("x,y") and len(done.stdout) > len("x,y\n")
+
+
+def test_a_checkpoint_of_the_previous_layout_still_loads(tmp_path):
+    """Earlier saves also wrote a COMPLETE file, and their config held run.progress (since removed)."""
+    cfg = twenty_step_config(tmp_path, tmp_path)
+    state = new_state(cfg)
+    path = BACKEND.save_checkpoint(state, tmp_path, meta(BACKEND, cfg, 1))
+    old = json.loads((path / META).read_text())
+    old["config"]["run"]["progress"] = True
+    (path / META).write_text(json.dumps(old))
+    (path / "COMPLETE").write_text("1\n")
+    loaded, saved = BACKEND.load_checkpoint(tmp_path, cfg, state.dist)
+    assert saved.step == 1 and same_weights(state, loaded)
+    assert set(read_portable(tmp_path).weights) == set(weights_of(state))
