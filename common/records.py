@@ -5,6 +5,7 @@ One line per optimizer step: {"backend", "step", "loss", "lr", "grad_norm", "ms"
 is the 0-based index of the optimizer step; `tokens` counts tokens trained on after it. `ms` is the
 step's share of its flush window's wall time (common/loop.py converts device metrics every
 log_interval steps, not every step); `data_ms` is the host time the step spent in the data loader.
+common/report.py and the loop's resume read them back through read_records.
 """
 from __future__ import annotations
 
@@ -12,10 +13,6 @@ import json
 import math
 from pathlib import Path
 from typing import Any
-
-RECORD_FIELDS = ("backend", "step", "loss", "lr", "grad_norm", "ms", "data_ms", "tokens_per_s", "mfu", "tokens",
-                 "elapsed_s", "val_loss")
-
 
 class MetricsLog:
     """Appends records to `path`; on resume, lines past the resumed step are dropped first."""

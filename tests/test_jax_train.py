@@ -52,7 +52,7 @@ def test_weight_decay_groups_hold_exactly_the_2d_params(tmp_path):
 
 
 def rel_norm_diff(a: dict, b: dict, base: dict) -> float:
-    """‖a − b‖ / ‖a − base‖ over all tensors (parity-notes: Adam amplifies near-zero gradients elementwise)."""
+    """‖a − b‖ / ‖a − base‖ over all tensors (Adam amplifies near-zero gradients elementwise, so not per element)."""
     num = sum(float(np.sum((a[k].astype(np.float64) - b[k]) ** 2)) for k in a)
     den = sum(float(np.sum((a[k].astype(np.float64) - base[k]) ** 2)) for k in a)
     return (num / den) ** 0.5

@@ -67,7 +67,7 @@ def test_missing_weight_decay_mask_fails_on_the_loss(tiny_shards, monkeypatch):
     monkeypatch.setattr(jax_impl.optim, "decay_mask", lambda params: jax.tree.map(lambda _: True, params))
     report = run(validate(tiny_config(tiny_shards, max_steps=8, warmup_steps=1)))
     assert not report["passed"]
-    assert report["first_failure"]["step"] >= 1  # invisible at step 0, as the notes say
+    assert report["first_failure"]["step"] >= 1  # invisible at step 0: decay acts from the first update on
     assert any(f["quantity"] == "loss (abs)" for f in report["failures"])
 
 

@@ -152,7 +152,7 @@ SAVER = saver_script("torch_impl.train", """
 
 
 def test_atomic_save_survives_sigkill(tmp_path):
-    # A save takes ~0.1-0.5 s: poll often enough to catch one in flight.
+    # A save is brief: poll often enough to catch one in flight.
     kill_mid_save(SAVER, tmp_path, lambda p: p.name.startswith(".tmp-"), poll=0.005)
     root = tmp_path / "checkpoints"
     assert any(p.name.startswith(".tmp-") for p in root.iterdir())  # the killed save's leftovers...
