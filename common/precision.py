@@ -13,14 +13,20 @@ class Precision:
     compute: str  # dtype of the matmuls (autocast's dtype in torch)
     params: str  # dtype of parameters, gradients and AdamW's moments
     backends: tuple[str, ...]  # backends that run it
+    loss_scaling: bool = False  # gradients underflow without a scaled loss (fp16's narrow exponent)
     why_not: str = ""  # for a backend it lacks: why
+
+    @property
+    def float64(self) -> bool:
+        """Whether anything runs in float64 (JAX then needs x64; GPUs must not take TF32 shortcuts)."""
+        return "float64" in (self.compute, self.params)
 
 
 PRECISIONS = {
     "fp32": Precision(compute="float32", params="float32", backends=("torch", "jax")),
     # Mixed precision: fp32 master weights and optimizer state, bf16 matmuls.
     "bf16": Precision(compute="bfloat16", params="float32", backends=("torch", "jax")),
-    "fp16": Precision(compute="float16", params="float32", backends=("torch",),
+    "fp16": Precision(compute="float16", params="float32", backends=("torch",), loss_scaling=True,
                       why_not="it needs a loss scaler, which only torch's GradScaler provides here"),
     # Everything in float64: the parity mode, where rounding no longer hides an algorithmic difference.
     "fp64": Precision(compute="float64", params="float64", backends=("torch", "jax")),

@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from common.backend import DistInfo
 from common.config import Config, ConfigError
-from common.precision import PRECISIONS, unsupported
+from common.precision import PRECISIONS, Precision, unsupported
 
 DATA_AXIS = "data"
 # Compiled programs are kept here across runs unless JAX_COMPILATION_CACHE_DIR names another folder, so
@@ -40,27 +40,32 @@ def pick_devices(want: str, flag: str = "run.device") -> list:
     return jax.devices()
 
 
-def dtypes(name: str) -> tuple[jnp.dtype, jnp.dtype]:
-    """run.dtype -> (compute dtype of the matmuls, parameter and optimizer-state dtype)."""
+def precision(name: str) -> Precision:
+    """The run.dtype's row of common/precision.py; ConfigError when JAX does not run it."""
     reason = unsupported(name, "jax")
     if reason:
         raise ConfigError(reason)
-    p = PRECISIONS[name]
+    return PRECISIONS[name]
+
+
+def dtypes(name: str) -> tuple[jnp.dtype, jnp.dtype]:
+    """run.dtype -> (compute dtype of the matmuls, parameter and optimizer-state dtype)."""
+    p = precision(name)
     return jnp.dtype(p.compute), jnp.dtype(p.params)
 
 
 def set_precision(name: str, exact: bool = False) -> None:
     """float64 (x64) exactly for fp64 runs; full-precision matmuls in fp64 runs (or `exact`, for parity),
     where GPUs and TPUs would otherwise take TF32 / bf16-pass matmuls for fp32. CPUs ignore the latter."""
-    dtypes(name)  # refuse a run.dtype JAX does not run
     set_x64(name)
-    jax.config.update("jax_default_matmul_precision", "highest" if exact or name == "fp64" else None)
+    jax.config.update("jax_default_matmul_precision", "highest" if exact or precision(name).float64 else None)
 
 
 def set_x64(name: str) -> None:
-    """JAX's float64 switch is per process: on for run.dtype fp64, off otherwise."""
-    if jax.config.jax_enable_x64 != (name == "fp64"):
-        jax.config.update("jax_enable_x64", name == "fp64")
+    """JAX's float64 switch is per process: on for a run.dtype with float64 in it (fp64), off otherwise."""
+    x64 = precision(name).float64
+    if jax.config.jax_enable_x64 != x64:
+        jax.config.update("jax_enable_x64", x64)
 
 
 def enable_compilation_cache() -> None:

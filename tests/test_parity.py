@@ -4,8 +4,6 @@ from __future__ import annotations
 import json
 
 import jax
-import numpy as np
-import optax
 import pytest
 
 from common.config import validate

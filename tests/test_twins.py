@@ -57,3 +57,11 @@ def test_each_sampler_reads_both_backends_checkpoints_alike(sampler, tmp_path, c
         outputs.append(capsys.readouterr().out)
     assert outputs[0].startswith("a;b") and len(outputs[0]) > len("a;b\n")
     assert outputs[0] == outputs[1]
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_evaluating_no_batches_is_an_error_in_both(name, tmp_path):
+    cfg = twenty_step_config(tmp_path, tmp_path)
+    backend = backend_of(name)
+    with pytest.raises(ValueError, match="no batches"):
+        backend.evaluate(backend.init_state(cfg, backend.setup(cfg)), iter([]))

@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common.backend import DistInfo
 from common.config import Config, ConfigError
-from common.precision import PRECISIONS, unsupported
+from common.precision import PRECISIONS, Precision, unsupported
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -29,12 +29,17 @@ def pick_device(want: str, local_rank: int = 0, flag: str = "run.device") -> tor
     return torch.device("cpu")
 
 
-def dtypes(name: str) -> tuple[torch.dtype | None, torch.dtype]:
-    """run.dtype -> (autocast dtype, None when the model runs in its parameter dtype; parameter dtype)."""
+def precision(name: str) -> Precision:
+    """The run.dtype's row of common/precision.py; ConfigError when torch does not run it."""
     reason = unsupported(name, "torch")
     if reason:
         raise ConfigError(reason)
-    p = PRECISIONS[name]
+    return PRECISIONS[name]
+
+
+def dtypes(name: str) -> tuple[torch.dtype | None, torch.dtype]:
+    """run.dtype -> (autocast dtype, None when the model runs in its parameter dtype; parameter dtype)."""
+    p = precision(name)
     compute, params = _DTYPES[p.compute], _DTYPES[p.params]
     return (None if compute == params else compute), params
 
@@ -50,7 +55,7 @@ def set_precision(name: str, device: torch.device, exact: bool = False) -> None:
     bit is compared. CPUs ignore the setting."""
     if device.type != "cuda":
         return
-    tf32 = not exact and name != "fp64"
+    tf32 = not exact and not precision(name).float64
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
     torch.set_float32_matmul_precision("high" if tf32 else "highest")

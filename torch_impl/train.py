@@ -63,7 +63,7 @@ def init_state(cfg: Config, dist_info: DistInfo, weights: dict[str, np.ndarray] 
                         param_dtype, device, source)
     torch.manual_seed(dist.rank_seed(cfg.run.seed, dist_info, 0))
     compiled = torch.compile(model) if cfg.run.compile else model
-    scaler = torch.amp.GradScaler(device.type) if cfg.run.dtype == "fp16" else None
+    scaler = torch.amp.GradScaler(device.type) if dist.precision(cfg.run.dtype).loss_scaling else None
     state = TrainState(cfg=cfg, dist=dist_info, device=device, model=model, train_model=dist.wrap_model(compiled, device),
                        eval_model=compiled, optimizer=build_optimizer(model, cfg), scaler=scaler)
     return set_moments(state, moments) if moments is not None else state
