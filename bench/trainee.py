@@ -1,4 +1,4 @@
-"""A bench worker: one of our backends' training step, timed in windows on request.
+"""A bench worker: one training step (one of our backends or a plain baseline) timed in windows on request.
 
 `python -m bench.trainee NAME --config C.toml [--weights W.npz]`, started by bench.pairwise: it builds the
 step, trains one step (compilation, for what compiles) and answers with its time, then answers each
@@ -24,9 +24,11 @@ import numpy as np
 from bench.workers import answer_channel, commands, reply
 from common.config import Config, load_toml
 from common.data import DataLoader
+from common.plan import peak_flops
 
 BACKENDS = ("torch", "jax")
-TRAINEES = BACKENDS
+PLAIN = {"torch": "plain_torch", "jax": "plain_jax"}  # each backend's plain baseline (bench/plain_*.py)
+TRAINEES = BACKENDS + tuple(PLAIN.values())
 
 
 @dataclass
@@ -41,21 +43,26 @@ def backend(name: str) -> Any:
 
 
 def start(name: str, cfg: Config, weights: dict[str, np.ndarray] | None) -> Trainee:
-    """The step of `name` at step 0, from `weights` (common layout) or its own init.
+    """The step of `name` at step 0, from `weights` (common layout) or, for a backend, its own init.
 
     The losses a step returns may be lazy device values: the worker converts them once per window, as
     the trainer does once per log interval, so JAX keeps dispatching the next step while one computes.
     """
-    b = backend(name)
-    dist = b.setup(cfg)
-    state = b.init_state(cfg, dist, weights=weights)
+    if name in BACKENDS:
+        b = backend(name)
+        dist = b.setup(cfg)
+        state = b.init_state(cfg, dist, weights=weights)
 
-    def step(x: np.ndarray, y: np.ndarray) -> Any:
-        nonlocal state
-        state, metrics = b.train_step(state, x, y)
-        return metrics["loss"]
+        def step(x: np.ndarray, y: np.ndarray) -> Any:
+            nonlocal state
+            state, metrics = b.train_step(state, x, y)
+            return metrics["loss"]
 
-    return Trainee(step, b.peak_flops(cfg, dist)[0])
+        return Trainee(step, b.peak_flops(cfg, dist)[0])
+    if name not in TRAINEES or weights is None:
+        raise ValueError(f"unknown trainee {name!r}, or a plain baseline without weights")
+    step, device = importlib.import_module(f"bench.{name}").build(cfg, weights)
+    return Trainee(step, peak_flops(device, cfg.run.dtype, cfg.run.peak_tflops)[0])
 
 
 def serve(name: str, cfg_path: Path, weights_path: Path | None) -> None:

@@ -6,7 +6,8 @@ workers time windows in alternation, round by round, and the report gives median
 ratio within each round (bench/pairwise.py).
 
 `--suite` runs the README's rows (tiny, small, GPT-2 124M × fp32, bf16) that way and prints one markdown
-table (parity/bench_suite.py).
+table (parity/bench_suite.py). `--vs-plain` runs each backend against the plain step a user would write
+first in its framework, in the same rounds, and prints each one's speed-up over it (bench/vs_plain.py).
 """
 from __future__ import annotations
 
@@ -16,11 +17,14 @@ if __name__ == "__main__":  # before torch/jax load: glibc reads GLIBC_TUNABLES 
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
 
 from bench.pairwise import bench, bench_config, format_table, parse_backends, plot
+from bench.vs_plain import check_config, format_vs_plain, vs_plain
+from bench.workers import allocator_env
 from common.benchtiming import DEFAULT_SHAPE, SHAPES
 from common.config import ConfigError
 from common.loop import INPUT_ERRORS, ensure_data
@@ -49,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "the CPUs of the single-CPU pass (default 0)")
     p.add_argument("--json", type=Path, help="write the full report here")
     p.add_argument("--plot", type=Path, help="write a PNG of tokens/s per window and loss curves")
+    p.add_argument("--vs-plain", action="store_true", help="also run each backend's plain baseline (bench/plain_*.py) "
+                   "in the same rounds and print each backend's speed-up over it (fp32)")
     suite = p.add_argument_group("suite", "the README's table: rows × dtypes, both backends")
     suite.add_argument("--suite", action="store_true", help="run the benchmark suite and print one markdown table")
     suite.add_argument("--rows", default=None, help=f"comma-separated subset of {','.join(SUITE_ROWS)}")
@@ -70,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, flag) is not None and getattr(args, flag) < 1:
                 raise ConfigError(f"--{flag} must be ≥ 1")
         if args.suite:
+            if args.vs_plain:
+                raise ConfigError("--vs-plain does not apply to --suite")
             opts = suite_options(args, overrides, backends)
             command = "python -m parity.bench " + shlex.join(sys.argv[1:] if argv is None else argv)
             report = run_suite(opts, command, args.json, lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -81,9 +89,16 @@ def main(argv: list[str] | None = None) -> int:
         rounds, steps, warmup = args.rounds or 5, args.steps or 5, 2 if args.warmup is None else args.warmup
         cfg = bench_config(args.config, args.shape or DEFAULT_SHAPE, overrides, args.dtype, args.compile,
                            1 + warmup + rounds * steps)
-        ensure_data(cfg, print)
-        report = bench(cfg, rounds, steps, warmup, args.pin, backends)
-        print(format_table(report))
+        if args.vs_plain:
+            check_config(cfg)  # before preparing any data
+            ensure_data(cfg, print)
+            extra_env, env_note = allocator_env(os.environ)
+            report = vs_plain(cfg, rounds, steps, warmup, args.pin, backends, extra_env)
+            print(format_vs_plain(report, env_note))
+        else:
+            ensure_data(cfg, print)
+            report = bench(cfg, rounds, steps, warmup, args.pin, backends)
+            print(format_table(report))
         if args.json:
             args.json.write_text(json.dumps(report, indent=1) + "\n")
         if args.plot:

@@ -96,6 +96,9 @@ def test_suite_plan_applies_overrides_over_the_row_shape_and_per_row_timing():
     (["--suite", "--rounds", "0"], "error: --rounds must be ≥ 1"),
     (["--suite", "--backends", "jax", "--compile-time"], "error: --compile-time needs the torch backend"),
     (["--suite", "--rows", "tiny", "--model.n_head", "3"], "error: model.n_embd"),
+    (["--suite", "--vs-plain"], "error: --vs-plain does not apply to --suite"),
+    (["--vs-plain", "--shape", "tiny", "--dtype", "bf16"], "error: --vs-plain: the plain baselines run fp32 only"),
+    (["--vs-plain", "--model.dropout", "0.1"], "error: --vs-plain: the plain baselines have no dropout"),
     (["--backends", "torch,tf"], "error: --backends: expected a subset of torch,jax, got 'torch,tf'"),
 ])
 def test_bad_bench_flags_are_one_line_and_exit_2(argv, message, capsys):
