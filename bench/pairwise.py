@@ -64,12 +64,12 @@ def ratio_summary(ratios: Sequence[float]) -> dict[str, Any]:
 
 
 def common_init(cfg: Config, path: Path) -> Path:
-    """One initialization for every worker: torch's, as in parity.check."""
+    """One initialization for every worker: the common GPT-2 init of the run's seed, as in parity.check."""
     import numpy as np
 
-    from torch_impl.train import BACKEND as tb
+    from common.names import init_weights
 
-    np.savez(path, **tb.to_common(tb.init_state(cfg, tb.setup(cfg))))
+    np.savez(path, **init_weights(cfg.model, cfg.run.seed))
     return path
 
 

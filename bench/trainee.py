@@ -22,11 +22,11 @@ from typing import Any, Callable
 import numpy as np
 
 from bench.workers import answer_channel, commands, reply
+from common.backend import BACKENDS, load_backend
 from common.config import Config, load_toml
 from common.data import DataLoader
 from common.plan import peak_flops
 
-BACKENDS = ("torch", "jax")
 PLAIN = {"torch": "plain_torch", "jax": "plain_jax"}  # each backend's plain baseline (bench/plain_*.py)
 TRAINEES = BACKENDS + tuple(PLAIN.values())
 
@@ -37,11 +37,6 @@ class Trainee:
     peak_flops: float  # FLOP/s for MFU
 
 
-def backend(name: str) -> Any:
-    """The BACKEND object of torch_impl or jax_impl."""
-    return importlib.import_module(f"{name}_impl.train").BACKEND
-
-
 def start(name: str, cfg: Config, weights: dict[str, np.ndarray] | None) -> Trainee:
     """The step of `name` at step 0, from `weights` (common layout) or, for a backend, its own init.
 
@@ -49,7 +44,7 @@ def start(name: str, cfg: Config, weights: dict[str, np.ndarray] | None) -> Trai
     the trainer does once per log interval, so JAX keeps dispatching the next step while one computes.
     """
     if name in BACKENDS:
-        b = backend(name)
+        b = load_backend(name)
         dist = b.setup(cfg)
         state = b.init_state(cfg, dist, weights=weights)
 

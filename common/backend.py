@@ -8,6 +8,7 @@ common weights (common/names.py). Checkpoint folders are common/checkpoints.py's
 from __future__ import annotations
 
 import argparse
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Protocol
@@ -16,6 +17,8 @@ import numpy as np
 
 from common.checkpoints import CheckpointMeta
 from common.config import Config
+
+BACKENDS = ("torch", "jax")  # the two implementations, as `{name}_impl` packages
 
 
 @dataclass(frozen=True)
@@ -120,3 +123,8 @@ class ParityHooks(Protocol):
 
     def optimizer_moments(self, state: Any) -> dict[str, Any]:
         """AdamW's state as {"step": optimizer steps taken, "m": {name: array}, "v": {name: array}}."""
+
+
+def load_backend(name: str) -> Backend:
+    """`{name}_impl.train.BACKEND`, found by name so that common/ never imports a backend."""
+    return importlib.import_module(f"{name}_impl.train").BACKEND

@@ -17,11 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from common.backend import BACKENDS
 from common.checkpoints import CheckpointError, CheckpointMeta, read_meta, resolve, step_of
 from common.config import Config
 from common.hf import is_hf_folder, load_hf_folder
-
-BACKENDS = ("torch", "jax")
 
 
 @dataclass

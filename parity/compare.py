@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from common.backend import load_backend
 from common.data import DataLoader
 
 
@@ -64,9 +65,7 @@ def worst(diffs: dict[str, float], n: int = 5) -> list[tuple[str, float]]:
 
 
 def load_backends():
-    from jax_impl.train import BACKEND as jax_backend
-    from torch_impl.train import BACKEND as torch_backend
-    return torch_backend, jax_backend
+    return load_backend("torch"), load_backend("jax")
 
 
 @dataclass

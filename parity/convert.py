@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import sys
 from pathlib import Path
 
+from common.backend import load_backend
 from common.checkpoints import CheckpointMeta
 from common.cli import INPUT_ERRORS
 from common.config import ConfigError
@@ -25,7 +25,7 @@ def get_backend(name: str):
     """`{name}_impl.train.BACKEND`."""
     if name not in BACKENDS:
         raise ConfigError(f"--to: unknown target '{name}' (torch, jax or hf)")
-    return importlib.import_module(f"{name}_impl.train").BACKEND
+    return load_backend(name)
 
 
 def write_portable(p: Portable, dst: str | Path, target: str) -> Path:

@@ -31,7 +31,8 @@ from typing import Any, Iterable, Sequence
 
 from bench import workers
 from bench.pairwise import bench_config, parse_backends
-from bench.trainee import BACKENDS, backend
+from bench.trainee import BACKENDS
+from common.backend import load_backend
 from common.benchtiming import SHAPES
 from common.config import Config, ConfigError, dump_toml, load_toml
 from common.loop import INPUT_ERRORS, ensure_data
@@ -52,7 +53,7 @@ def child_state(name: str, cfg: Config, warmup: int, steps: int) -> tuple[Any, A
     """The backend, its state after the first step and `warmup` more, and the batches to profile."""
     from common.data import DataLoader
 
-    b = backend(name)
+    b = load_backend(name)
     dist = b.setup(cfg)
     loader = DataLoader(cfg.data.dir, cfg.optim.micro_batch_size, cfg.model.block_size, cfg.optim.total_batch_size,
                         seed=cfg.run.seed, vocab_size=cfg.model.vocab_size)

@@ -9,8 +9,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -18,14 +16,12 @@ from typing import Any
 
 import numpy as np
 
+from bench import workers
 from common.checkpoints import CheckpointMeta
 from common.config import Config, dump_toml
 from common.portable import read_portable
 from parity.compare import Tolerances, make_loader, start_pair, tensor_diffs
 from parity.convert import write_portable
-
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def _result(name: str, passed: bool, detail: str, **extra: Any) -> dict[str, Any]:
     print(f"[{'PASS' if passed else 'FAIL'}] {name}: {detail}")
@@ -56,11 +52,8 @@ def _train_cli(module: str, cfg: Config, out: Path, launcher: list[str], extra: 
     run = dataclasses.replace(cfg.run, out_dir=str(out / "run"), checkpoint_interval=cfg.optim.max_steps,
                               eval_interval=0, sample_interval=0, num_samples=0)
     cfg_path.write_text(dump_toml(dataclasses.replace(cfg, run=run)))
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = launcher + ["-m", module, "--config", str(cfg_path)] + extra
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    cmd = workers.module_command(module, ["--config", cfg_path, *extra], launcher=launcher)
+    workers.run(cmd, timeout=900).check(" ".join(cmd))
 
 
 def check_replicas(cfg: Config, tol: Tolerances, steps: int = 3) -> dict[str, Any]:

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any, Sequence, TextIO
 
 from bench import workers
-from bench.trainee import BACKENDS, backend
+from bench.trainee import BACKENDS
+from common.backend import load_backend
 from common.benchtiming import DEFAULT_SHAPE, SHAPES, random_tokens, shaped_config
 from common.cli import Parser, UsageError
 from common.config import Config, ConfigError, dump_toml, load_toml, validate
@@ -83,7 +84,7 @@ def _peak_memory(backend_name: str, device: str) -> tuple[int, str]:
 
 def measure(backend_name: str, cfg: Config, micro_batch: int, steps: int) -> dict[str, Any]:
     """Time `steps` optimizer steps of micro-batch `micro_batch` (after the warm-up steps), in this process."""
-    b = backend(backend_name)
+    b = load_backend(backend_name)
     dist = b.setup(cfg)
     cfg = with_micro_batch(cfg, micro_batch, dist.data_parallel_size)
     state = b.init_state(cfg, dist)

@@ -12,7 +12,7 @@ import math
 import pytest
 
 from bench import pairwise, plain_jax, plain_torch, vs_plain
-from bench.trainee import backend
+from common.backend import load_backend
 from bench.workers import MAKEFILE_TUNABLES
 from common.config import dump_toml
 from common.data import DataLoader
@@ -24,13 +24,13 @@ LOSS_TOL = 1e-5  # step 0: the same function on the same weights, up to fp32 sum
 
 def first_losses(cfg, steps: int = 2) -> dict[str, list[float]]:
     """Losses of the first `steps` steps of each backend and baseline, from torch's init, on the loader's batches."""
-    tb = backend("torch")
+    tb = load_backend("torch")
     weights = tb.to_common(tb.init_state(cfg, tb.setup(cfg)))
     batches = [DataLoader(cfg.data.dir, cfg.optim.micro_batch_size, cfg.model.block_size, cfg.optim.total_batch_size,
                           seed=cfg.run.seed, vocab_size=cfg.model.vocab_size).next_step() for _ in range(steps)]
     losses = {}
     for name in ("torch", "jax"):
-        b = backend(name)
+        b = load_backend(name)
         state = b.init_state(cfg, b.setup(cfg), weights=weights)
         losses[name] = []
         for x, y in batches:

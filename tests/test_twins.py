@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from common.backend import BACKENDS
 from common.loop import train
 from common.names import init_weights
 from common.records import read_records
@@ -13,7 +14,6 @@ from helpers import backend_of, meta, quiet
 from jax_impl import sample as jax_sample
 from torch_impl import sample as torch_sample
 
-BACKENDS = ("torch", "jax")
 
 
 def initial_weights(name: str, cfg) -> dict[str, np.ndarray]:
