@@ -25,7 +25,7 @@ import numpy as np
 from common.config import ModelConfig
 from common.names import check_weights, init_std, param_shapes
 from jax_impl.loss import chunked_lm_loss, lm_loss
-from jax_impl.ops import Dtype, causal_attention, gelu_tanh, wide
+from jax_impl.ops import Dtype, causal_attention, fused_causal_attention, gelu_tanh, wide
 
 
 def _normal(std: float):
@@ -93,6 +93,7 @@ class CausalSelfAttention(nn.Module):
     cfg: ModelConfig
     dtype: Dtype
     param_dtype: Dtype
+    attention: str = "blocked"  # jax_impl.ops.ATTENTIONS
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -101,10 +102,14 @@ class CausalSelfAttention(nn.Module):
         nh, hs = cfg.n_head, C // cfg.n_head
         dense = dict(bias=cfg.bias, dtype=self.dtype, param_dtype=self.param_dtype)
         qkv = Conv1D(3 * C, init_std("attn.c_attn.weight", cfg), name="c_attn", **dense)(x)
-        q, k, v = qkv.reshape(B, T, 3, nh, hs).transpose(2, 0, 3, 1, 4)  # each (B, nh, T, hs)
-        drop = nn.Dropout(cfg.dropout, deterministic=not train) if train and cfg.dropout > 0 else None
-        y = causal_attention(q, k, v, self.dtype, drop)
-        y = y.transpose(0, 2, 1, 3).reshape(B, T, C)
+        if self.attention == "cudnn":
+            q, k, v = (t[:, :, 0] for t in jnp.split(qkv.reshape(B, T, 3, nh, hs), 3, axis=2))  # each (B, T, nh, hs)
+            y = fused_causal_attention(q, k, v).reshape(B, T, C)
+        else:
+            q, k, v = qkv.reshape(B, T, 3, nh, hs).transpose(2, 0, 3, 1, 4)  # each (B, nh, T, hs)
+            drop = nn.Dropout(cfg.dropout, deterministic=not train) if train and cfg.dropout > 0 else None
+            y = causal_attention(q, k, v, self.dtype, drop)
+            y = y.transpose(0, 2, 1, 3).reshape(B, T, C)
         y = Conv1D(C, init_std("attn.c_proj.weight", cfg), name="c_proj", **dense)(y)
         return nn.Dropout(cfg.dropout, deterministic=not train)(y)
 
@@ -128,13 +133,15 @@ class Block(nn.Module):
     cfg: ModelConfig
     dtype: Dtype
     param_dtype: Dtype
+    attention: str = "blocked"
 
     @nn.compact
     def __call__(self, x, train: bool):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         ln = dict(bias=self.cfg.bias, param_dtype=self.param_dtype)
         # The residual stream stays in the parameter dtype: adding a bf16 branch promotes, as in torch.
-        x = x + CausalSelfAttention(self.cfg, name="attn", **kw)(LayerNorm(name="ln_1", **ln)(x), train)
+        attn = CausalSelfAttention(self.cfg, name="attn", attention=self.attention, **kw)
+        x = x + attn(LayerNorm(name="ln_1", **ln)(x), train)
         return x + MLP(self.cfg, name="mlp", **kw)(LayerNorm(name="ln_2", **ln)(x), train)
 
 
@@ -150,15 +157,16 @@ class Blocks(nn.Module):
     cfg: ModelConfig
     dtype: Dtype
     param_dtype: Dtype
+    attention: str = "blocked"
 
     @nn.compact
     def __call__(self, x, train: bool):
         cfg = self.cfg
         if self.is_initializing():  # init creates the per-layer parameters h.0 ... h.{L-1}
             for i in range(cfg.n_layer):
-                x = Block(cfg, self.dtype, self.param_dtype, name=str(i))(x, train)
+                x = Block(cfg, self.dtype, self.param_dtype, self.attention, name=str(i))(x, train)
             return x
-        block = Block(cfg, self.dtype, self.param_dtype, parent=None)
+        block = Block(cfg, self.dtype, self.param_dtype, self.attention, parent=None)
         layers = [self.variables["params"][str(i)] for i in range(cfg.n_layer)]
         stacked = jax.tree.map(lambda *a: jnp.stack(a), *layers)
         dropout = train and cfg.dropout > 0
@@ -176,13 +184,14 @@ class GPT(nn.Module):
     cfg: ModelConfig
     dtype: Dtype = jnp.float32  # compute dtype of the matmuls
     param_dtype: Dtype = jnp.float32
+    attention: str = "blocked"  # jax_impl.ops.ATTENTIONS; jax_impl.ops.attention_for picks it per platform
 
     def setup(self):
         cfg = self.cfg
         self.wte = Embedding(cfg.padded_vocab_size, cfg.n_embd, init_std("wte.weight", cfg), self.param_dtype)
         self.wpe = Embedding(cfg.block_size, cfg.n_embd, init_std("wpe.weight", cfg), self.param_dtype)
         self.drop = nn.Dropout(cfg.dropout)
-        self.h = Blocks(cfg, self.dtype, self.param_dtype)
+        self.h = Blocks(cfg, self.dtype, self.param_dtype, self.attention)
         self.ln_f = LayerNorm(bias=cfg.bias, param_dtype=self.param_dtype)
 
     def features(self, idx, train: bool = False):

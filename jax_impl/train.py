@@ -35,6 +35,7 @@ from common.plan import peak_flops
 from jax_impl import checkpoint, dist
 from jax_impl.evaluate import token_losses
 from jax_impl.model import GPT, abstract_params, flatten, from_common, to_common
+from jax_impl.ops import attention_for
 from jax_impl.optim import build_optimizer, grad_norm, lr_schedule
 from jax_impl.sample import generate
 
@@ -62,7 +63,8 @@ class Runtime:
     def __init__(self, cfg: Config, mesh: Mesh):
         self.cfg, self.mesh = cfg, mesh
         self.dtype, self.param_dtype = dist.dtypes(cfg.run.dtype)
-        self.model = GPT(cfg.model, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.attention = attention_for(mesh.devices.flat[0].platform, self.dtype, cfg.model.dropout)
+        self.model = GPT(cfg.model, dtype=self.dtype, param_dtype=self.param_dtype, attention=self.attention)
         self.replicated = dist.param_sharding(mesh)
         self.batch_sharding, self.eval_sharding = dist.batch_sharding(mesh), dist.eval_sharding(mesh)
         self.lr = lr_schedule(cfg.optim, self.param_dtype)

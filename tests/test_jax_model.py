@@ -237,3 +237,27 @@ def test_blocked_causal_attention_equals_the_full_masked_softmax():
     full = jax.nn.softmax(jnp.where(jnp.tril(jnp.ones((40, 40), bool)), scores, -jnp.inf), axis=-1) @ v
     for rows in (40, 16, 7):  # one block, blocks with a remainder, many small blocks
         np.testing.assert_allclose(causal_attention(q, k, v, jnp.float32, block_rows=rows), full, atol=2e-6)
+
+
+def test_attention_is_chosen_by_platform_dtype_and_dropout():
+    from jax_impl.ops import attention_for
+
+    assert attention_for("gpu", jnp.bfloat16, 0.0) == "cudnn"
+    assert attention_for("gpu", jnp.float16, 0.0) == "cudnn"
+    assert attention_for("gpu", jnp.float32, 0.0) == "blocked"  # the parity mode keeps the same math everywhere
+    assert attention_for("gpu", jnp.bfloat16, 0.1) == "blocked"  # cuDNN's path has no attention dropout
+    assert attention_for("cpu", jnp.bfloat16, 0.0) == "blocked"
+
+
+def test_fused_attention_layout_computes_the_blocked_attention(monkeypatch):
+    """The cuDNN branch's (B, T, nh, hs) layout, run on the CPU through XLA's implementation of the same call."""
+    import jax_impl.model as jm
+
+    monkeypatch.setattr(jm, "fused_causal_attention", lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, implementation="xla"))
+    params = init_params(TINY, 3)
+    x = np.random.default_rng(0).integers(0, TINY.vocab_size, (2, TINY.block_size)).astype(np.int32)
+    blocked = GPT(TINY).apply({"params": params}, x)
+    fused = GPT(TINY, attention="cudnn").apply({"params": params}, x)
+    assert np.abs(np.asarray(blocked) - np.asarray(fused)).max() < 1e-5
+    assert np.abs(np.asarray(blocked)).max() > 0.1  # real logits, not a degenerate zero case
