@@ -25,6 +25,7 @@ import datetime
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -192,6 +193,9 @@ class Timer:
 def run_all(opts: Options, only: Sequence[str], command: str) -> int:
     start = time.time()
     opts.out.mkdir(parents=True, exist_ok=True)
+    if only == SECTIONS:  # a new report: no logs or training runs of an earlier one beside it
+        for stale in ("logs", "train"):
+            shutil.rmtree(opts.out / stale, ignore_errors=True)
     (opts.out / "logs").mkdir(exist_ok=True)
     report = load_report(opts.out) if only != SECTIONS else {"sections": {}}
     report.update({"command": command, "dry_run": opts.dry_run, "device": opts.device,

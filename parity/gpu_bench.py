@@ -14,6 +14,7 @@ MFU = FLOPs/token (common.plan) × tok/s ÷ the bf16 GEMM peak measured by the p
 from __future__ import annotations
 
 import json
+import os
 import re
 import resource
 import statistics
@@ -77,13 +78,12 @@ def torch_attention(backend, state, x, y) -> dict[str, Any]:
     return {"implementation": f"SDPA ({kind})", "ops": names[:12]}
 
 
-def jax_attention(backend, cfg, state, x, y) -> dict[str, Any]:
-    """Whether XLA's optimized step calls cuDNN's fused attention, from the compiled program's custom calls."""
-    from jax_impl import dist as jdist
-
-    rt = backend.runtime(cfg)
-    put = lambda a: jdist.put_batch(a, rt.batch_sharding)  # noqa: E731
-    hlo = rt.train_step.lower(state, put(x), put(y)).compile().as_text()
+def jax_attention(dump_dir: Path) -> dict[str, Any]:
+    """Whether XLA's optimized programs call cuDNN's fused attention: the custom calls in the HLO that XLA
+    dumped after optimization (--xla_dump_to in the worker's XLA_FLAGS), whatever jax_impl names its step."""
+    hlo = "".join(p.read_text(errors="replace") for p in sorted(dump_dir.glob("*after_optimizations.txt")))
+    if not hlo:
+        return {"implementation": "unknown", "error": f"no optimized HLO dumped in {dump_dir}"}
     calls = sorted(set(re.findall(r'custom_call_target="([^"]+)"', hlo)))
     fused = [c for c in calls if "fmha" in c.lower() or ("cudnn" in c.lower() and "attention" in c.lower())]
     what = f"cuDNN fused attention ({', '.join(fused)})" if fused else \
@@ -91,7 +91,7 @@ def jax_attention(backend, cfg, state, x, y) -> dict[str, Any]:
     return {"implementation": what, "custom_calls": calls[:12]}
 
 
-def worker(name: str, cfg_path: Path) -> int:
+def worker(name: str, cfg_path: Path, dump_dir: Path) -> int:
     """Runs in a child: answers one JSON line per command ('window N', 'finish') on stdout."""
     import numpy as np
 
@@ -133,7 +133,7 @@ def worker(name: str, cfg_path: Path) -> int:
             out: dict[str, Any] = {"memory": peak_memory(name, dist.device)}
             try:
                 out["attention"] = torch_attention(backend, state, x, y) if name == "torch" else \
-                    jax_attention(backend, cfg, state, x, y)
+                    jax_attention(dump_dir)
             except Exception as e:  # a finding for the report, not a reason to lose the figures
                 out["attention"] = {"implementation": "unknown", "error": f"{type(e).__name__}: {str(e)[:300]}"}
             answer(out)
@@ -151,10 +151,14 @@ class Worker:
                        "JAX_COMPILATION_CACHE_DIR": str(folder / "jax")}
         cfg_path = folder / "config.toml"
         cfg_path.write_text(dump_toml(cfg))
+        dump = folder / "xla-dump"
+        env = dict(self.caches)
+        if name == "jax":  # the optimized HLO, to tell which attention XLA compiled (jax_attention)
+            env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump} --xla_dump_hlo_as_text".strip()
         self.log_path = opts.out / "logs" / f"bench-{name}-b{b}.log"
         self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "parity.gpu_bench", name, str(cfg_path)], cwd=ROOT,
-                                     env=child_env(self.caches), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, "-m", "parity.gpu_bench", name, str(cfg_path), str(dump)],
+                                     cwd=ROOT, env=child_env(env), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.log, text=True)
 
     def read(self) -> dict[str, Any]:
@@ -269,4 +273,4 @@ def section_bench(opts: Options, work: Path) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    sys.exit(worker(sys.argv[1], Path(sys.argv[2])))
+    sys.exit(worker(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])))

@@ -28,7 +28,7 @@ DRY_SHAPE = ["--model.n_layer", "2", "--model.n_head", "2", "--model.n_embd", "6
 # Micro-steps per optimizer step at the largest micro-batch: tokens per step stay fixed when a backend has to
 # halve its micro-batch (it accumulates more), so both backends' tok/s and the trainers' steps compare.
 ACCUM_AT_MAX = 2
-VERSIONED = ("torch", "triton", "jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda12-plugin", "flax", "optax",
+VERSIONED = ("gpt2-twin", "torch", "triton", "jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda12-plugin", "flax", "optax",
              "orbax-checkpoint", "numpy", "tiktoken", "safetensors", "transformers", "nvidia-cudnn-cu13",
              "nvidia-cudnn-cu12")
 
