@@ -177,9 +177,12 @@ class Worker:
 
     def finish(self) -> dict[str, Any]:
         answer = self.ask("finish")
+        self.close()
+        return answer
+
+    def close(self) -> None:
         self.proc.wait(timeout=120)
         self.log.close()
-        return answer
 
 
 def start_fitting(name: str, opts: Options, work: Path) -> tuple[Worker, dict[str, Any], list[dict[str, Any]]]:
@@ -192,7 +195,7 @@ def start_fitting(name: str, opts: Options, work: Path) -> tuple[Worker, dict[st
         if first["status"] == "ready":
             say(f"{name}: micro-batch {b} fits; first step (cold compile + one step) {first['first_step_s']:.1f} s")
             return w, first, tries
-        w.proc.wait()
+        w.close()
         say(f"{name}: out of memory at micro-batch {b}: {first['error'][:160]}")
         if b == 1:
             raise RuntimeError(f"{name}: out of memory even at micro-batch 1")
