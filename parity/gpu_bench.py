@@ -31,7 +31,7 @@ from parity.gpu_sections import bf16_peak_flops, model_config, say
 
 BACKENDS = ("torch", "jax")
 EXIT_OOM = 3
-TARGET_MFU, TARGET_RATIO = 0.45, (0.8, 1.25)  # the targets on an H100/H200-class GPU
+TARGET_MFU, TARGET_RATIO = 0.45, (0.8, 1.25)  # the project's targets on one H100/H200-class GPU
 
 
 def is_oom(e: BaseException) -> bool:

@@ -42,7 +42,7 @@ class GpuTolerances:
 # key bias) into lr-sized steps of rounding noise, different on each side: 1e-2, the CPU's bf16 bound.
 # bf16: autocast on both sides (bf16 matmul inputs, fp32 accumulation, softmax/LayerNorm/loss in fp32);
 # torch's attention is SDPA's flash kernel, JAX's is its own: differences are bf16 rounding (2^-8 relative)
-# of the activations. The loss bound is the 5e-3; the rest are parity.check's CPU bf16 bounds,
+# of the activations. The loss bound is the project's bf16 target, 5e-3; the rest are parity.check's CPU bf16 bounds,
 # parameters and moments at 5e-2 for the same Adam-noise reason as fp32.
 GPU_TOLERANCES = {
     "fp32": GpuTolerances(logits=1e-4, loss=1e-4, grad_norm=1e-3, grads=1e-4, params=1e-2, moments=1e-2),

@@ -21,7 +21,7 @@ from typing import Any, Callable
 from common.config import Config, apply_overrides, load_toml, resolve_config_path, validate
 from parity.gpu import REPORT_JSON, Options
 
-# GPT-2 124M as the issue states it (T=1024, bf16); the dry run keeps the GPT-2 vocabulary (the corpus's)
+# GPT-2 124M at T=1024 in bf16, the shape GPU users compare; the dry run keeps the GPT-2 vocabulary (the corpus's)
 # and shrinks everything else.
 MODEL = "gpt2-124m"
 DRY_SHAPE = ["--model.n_layer", "2", "--model.n_head", "2", "--model.n_embd", "64", "--model.block_size", "64"]
