@@ -93,8 +93,9 @@ FORMATTERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
 
 def format_report(report: dict[str, Any]) -> str:
     sections = report["sections"]
+    env = (sections.get("env") or {}).get("result") or {}
     lines = [f"# parity.gpu report: {'PASS' if report['passed'] else 'FAIL'}", "",
-             f"- command: `{report['command']}`", f"- device: {report['device']}"
+             f"- command: `{report['command']}`", f"- device: {env.get('device') or report['device']}"
              + (" (dry run: CPU, tiny shapes)" if report["dry_run"] else ""),
              f"- started {report['started']}, updated {report['updated']}", ""]
     lines += _table(["section", "status", "seconds", "error"],

@@ -114,7 +114,7 @@ def section_env(opts: Options, work: Path) -> dict[str, Any]:
     if not opts.dry_run:
         if not t["cuda_available"]:
             failures.append("torch sees no CUDA device")
-        if result["jax"]["backend"] != "gpu":
+        if result["jax"]["backend"] not in ("gpu", "cuda"):
             failures.append(f"JAX's default backend is {result['jax']['backend']}, not gpu (is jax[cuda] installed?)")
     return {**result, "device": t.get("device") or result["cpu"], "passed": not failures, "failures": failures}
 
