@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training time per backend in the train section, compilation excluded (default 60; "
                         "dry run 3); shortened if --time-limit would otherwise be passed")
     p.add_argument("--time-limit", type=float, default=None,
-                   help="seconds for the whole command (default 480; dry run 300): sections are cut to fit it")
+                   help="seconds for the whole command (default 480; dry run 600): sections are cut to fit it")
     p.add_argument("--section", choices=SECTIONS, help=argparse.SUPPRESS)  # run one section in this process
     p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
@@ -244,7 +244,7 @@ def parse_options(args: argparse.Namespace) -> Options:
                    max_micro_batch=args.max_micro_batch or (2 if dry else 64),
                    parity_steps=args.parity_steps or (10 if dry else 50),
                    train_seconds=args.train_seconds if args.train_seconds is not None else (3.0 if dry else 60.0),
-                   time_limit=args.time_limit or (300.0 if dry else 480.0), deadline=0.0)
+                   time_limit=args.time_limit or (600.0 if dry else 480.0), deadline=0.0)
     for flag, value in (("--max-micro-batch", opts.max_micro_batch), ("--parity-steps", opts.parity_steps),
                         ("--train-seconds", opts.train_seconds), ("--time-limit", opts.time_limit)):
         if value <= 0:
