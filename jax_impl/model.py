@@ -102,7 +102,7 @@ class CausalSelfAttention(nn.Module):
         nh, hs = cfg.n_head, C // cfg.n_head
         dense = dict(bias=cfg.bias, dtype=self.dtype, param_dtype=self.param_dtype)
         qkv = Conv1D(3 * C, init_std("attn.c_attn.weight", cfg), name="c_attn", **dense)(x)
-        if self.attention == "cudnn":
+        if self.attention == "fused":
             q, k, v = (t[:, :, 0] for t in jnp.split(qkv.reshape(B, T, 3, nh, hs), 3, axis=2))  # each (B, T, nh, hs)
             y = fused_causal_attention(q, k, v).reshape(B, T, C)
         else:

@@ -24,23 +24,24 @@ def wide(dtype: Dtype) -> Dtype:
 ATTN_BLOCK_ROWS = 128
 
 # The attention kernels the model can run: its own blocked attention (any platform and dtype, with
-# attention dropout), or cuDNN's fused flash attention through jax.nn.dot_product_attention (NVIDIA GPUs,
-# 16-bit compute, no attention dropout), the kernel torch's SDPA runs there.
-ATTENTIONS = ("blocked", "cudnn")
+# attention dropout), or jax.nn.dot_product_attention, which on NVIDIA GPUs takes cuDNN's fused flash
+# attention (the kernel torch's SDPA runs there) for 16-bit inputs and XLA's otherwise.
+ATTENTIONS = ("blocked", "fused")
 
 
 def attention_for(platform: str, dtype: Dtype, dropout: float) -> str:
-    """The attention a model on `platform` ("cpu", "gpu", ...) computing in `dtype` runs: cuDNN's flash
-    attention where it applies, else the blocked one. fp32 stays blocked on GPUs too, so the parity
-    mode compares the same math on every platform."""
+    """The attention a model on `platform` ("cpu", "gpu", ...) computing in `dtype` runs: the fused one
+    where cuDNN's flash attention applies (GPU, 16-bit, no attention dropout), else the blocked one. fp32
+    stays blocked on GPUs too, so the parity mode compares the same math on every platform."""
     if platform == "gpu" and jnp.dtype(dtype).itemsize == 2 and dropout == 0:
-        return "cudnn"
+        return "fused"
     return "blocked"
 
 
 def fused_causal_attention(q, k, v):
-    """softmax(q·kᵀ/√hs, causal) · v by cuDNN, for q, k, v of shape (B, T, nh, hs) in bf16 or fp16."""
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    """softmax(q·kᵀ/√hs, causal) · v for q, k, v of shape (B, T, nh, hs); JAX picks the implementation
+    (cuDNN's flash attention where cuDNN supports the shapes and dtype, XLA's otherwise)."""
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True)
 
 
 def causal_attention(q, k, v, dtype: Dtype, dropout=None, block_rows: int = ATTN_BLOCK_ROWS):
