@@ -213,9 +213,7 @@ def test_hf_export_logits_match(tmp_path):
     np.testing.assert_allclose(np.asarray(ours[..., :250]), theirs, atol=1e-5, rtol=0)
 
 
-def test_scanned_layers_equal_the_unrolled_stack_and_init_matches_the_module(monkeypatch):
-    import jax_impl.model as jm
-
+def test_scanned_layers_equal_the_unrolled_stack_and_init_matches_the_module():
     cfg = ModelConfig(vocab_size=250, padded_vocab_size=256, block_size=16, n_layer=3, n_head=2, n_embd=32)
     params = init_params(cfg, 0)
     # The tree of the common init is the one the Flax module declares (names, shapes, dtypes).
@@ -223,9 +221,7 @@ def test_scanned_layers_equal_the_unrolled_stack_and_init_matches_the_module(mon
     assert jax.tree.map(lambda a: (a.shape, a.dtype), declared) == jax.tree.map(lambda a: (a.shape, a.dtype), params)
     x = tokens((2, 16))
     scanned = np.asarray(jax.jit(GPT(cfg).apply)({"params": params}, x))
-    # The layer stack unrolls where Flax initializes; taking that branch on apply gives the unrolled stack.
-    monkeypatch.setattr(jm.Blocks, "is_initializing", lambda self: True)
-    unrolled = np.asarray(jax.jit(GPT(cfg).apply)({"params": params}, x))
+    unrolled = np.asarray(jax.jit(GPT(cfg, scan_layers=False).apply)({"params": params}, x))
     np.testing.assert_allclose(scanned, unrolled, rtol=0, atol=1e-5)
 
 
@@ -247,6 +243,12 @@ def test_attention_is_chosen_by_platform_dtype_and_dropout():
     assert attention_for("gpu", jnp.float32, 0.0) == "blocked"  # the parity mode keeps the same math everywhere
     assert attention_for("gpu", jnp.bfloat16, 0.1) == "blocked"  # the fused path has no attention dropout
     assert attention_for("cpu", jnp.bfloat16, 0.0) == "blocked"
+
+
+def test_layers_are_scanned_on_cpus_and_unrolled_on_gpus():
+    from jax_impl.model import scan_layers_for
+
+    assert scan_layers_for("cpu") and not scan_layers_for("gpu")
 
 
 def test_fused_attention_computes_the_blocked_attention():
