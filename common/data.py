@@ -95,11 +95,16 @@ class TokenStream:
 
 
 class DataLoader:
-    """Yields this rank's (x, y) micro-batches of shape (B, T); y is x shifted by one token."""
+    """Yields this rank's (x, y) micro-batches of shape (B, T); y is x shifted by one token.
+
+    `order` defaults to "stream" here, so a loader built by hand (the parity check, the benches) reads the
+    batches its tolerances and figures were measured on; loader_for(cfg, dist) follows data.order, whose
+    default is "shuffled".
+    """
 
     def __init__(self, folder: str | Path, batch_size: int, block_size: int, total_batch_size: int,
                  rank: int = 0, world_size: int = 1, seed: int = 0, vocab_size: int | None = None,
-                 split: str = "train", order: str = "shuffled"):
+                 split: str = "train", order: str = "stream"):
         check_order(order)
         self.B, self.T, self.rank, self.world, self.seed, self.order = (batch_size, block_size, rank, world_size,
                                                                          seed, order)

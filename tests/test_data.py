@@ -227,6 +227,12 @@ def test_next_step_stacks_the_micro_batches(folder, order):
             assert np.array_equal(xs[m], x) and np.array_equal(ys[m], y)
 
 
+def test_a_loader_built_by_hand_reads_the_stream(folder):
+    """Without an order, DataLoader keeps build-nanogpt's (the parity check's batches); configs say shuffled."""
+    assert np.array_equal(DataLoader(folder, 4, T, 4 * T).next_batch()[0].ravel(), np.arange(4 * T))
+    assert DataConfig().order == "shuffled"
+
+
 @pytest.mark.parametrize("order", ORDERS)
 def test_loader_and_val_batches_from_a_config(folder, order):
     """Two processes of two local replicas each: rows per process = micro_batch_size × local_replicas."""
