@@ -129,7 +129,7 @@ class DataLoader:
             if len(self._permutations) >= 2:  # a step spans at most two epochs unless an epoch is shorter
                 self._permutations.pop(min(self._permutations))
             dtype = np.int32 if self.sequences <= np.iinfo(np.int32).max else np.int64
-            rng = np.random.default_rng([self.seed, epoch])
+            rng = np.random.default_rng([self.seed % 2**64, epoch])  # numpy refuses negative seeds, run.seed not
             self._permutations[epoch] = rng.permutation(np.arange(self.sequences, dtype=dtype))
         return self._permutations[epoch]
 

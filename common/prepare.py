@@ -44,6 +44,8 @@ CHUNK_CHARS = 1 << 20  # per worker task: big enough to amortise IPC, small enou
 # corpus's first --val-tokens tokens and documents kept their input order.
 SPLIT_RULE = "random-documents"
 VAL_POOL = 4  # unshuffled sources: the val documents are drawn from the first VAL_POOL × val_tokens tokens
+
+
 # ---- tokenizing -------------------------------------------------------------------------------
 
 def _chunks(documents: Iterable[Document]) -> Iterator[list[Document]]:
@@ -195,6 +197,8 @@ def prepare(documents: Iterable[Document], out_dir: str | Path, name: str, shard
         raise PrepareError(f"--name {name!r}: use letters, digits, '.' and '-' (shard names use '_' as separator)")
     if shard_size <= 0 or val_tokens < 0:
         raise PrepareError(f"--shard-size must be > 0 and --val-tokens >= 0 (got {shard_size}, {val_tokens})")
+    if seed < 0:
+        raise PrepareError(f"--seed must be >= 0 (got {seed})")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _clear(out_dir, name)

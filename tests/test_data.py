@@ -91,6 +91,7 @@ def test_shuffled_order_follows_the_seed(folder):
     a, b = loader(folder, seed=7), loader(folder, seed=7)
     assert np.array_equal(a.permutation(3), b.permutation(3))
     assert a.permutation(0).dtype == np.int32  # 4 bytes a sequence: 40 MB for 10B tokens at T = 1024
+    assert len({tuple(loader(folder, seed=seed).permutation(0)) for seed in (-1, 1, -1)}) == 2  # any int seeds it
     for step in (0, 50, 150):
         assert np.array_equal(a.step_batch(step)[0], b.step_batch(step)[0])
 

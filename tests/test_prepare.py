@@ -182,6 +182,11 @@ def test_bad_jsonl_line_exit_2(tmp_path, capsys, workers):
     assert not (out / "manifest.json").exists() and not list(out.glob("*.bin"))
 
 
+def test_negative_seed_exit_2(tmp_path, txt_dir, capsys):
+    assert run("--input", txt_dir, "--out", tmp_path / "out", "--seed", -3) == 2
+    assert error_line(capsys) == "error: --seed must be >= 0 (got -3)"
+
+
 def test_hf_without_datasets_is_clean_error(tmp_path, capsys, monkeypatch):
     import sys
     monkeypatch.setitem(sys.modules, "datasets", None)  # import fails without touching the network
