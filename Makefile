@@ -1,7 +1,11 @@
 # Two entry points: `make train` (set up, then the default run) and `make test` (set up, then the suite).
 # Set-up is a virtualenv in .venv with the pinned versions of requirements.lock; it is redone only
 # when requirements.lock or pyproject.toml change, so a second `make` starts at once.
-PYTHON ?= python3
+# The interpreter: the newest of python3.13, python3.12, python3.11 that runs (pyenv keeps shims on PATH for
+# versions it cannot start, so each candidate is run, not just looked up), else python3; `make PYTHON=...` wins.
+ifeq ($(origin PYTHON),undefined)
+PYTHON := $(firstword $(foreach v,3.13 3.12 3.11,$(shell python$(v) -c "" >/dev/null 2>&1 && echo python$(v))) python3)
+endif
 
 # glibc malloc tuned for training steps that free and re-allocate the same large buffers (measured in
 # docs/performance.md; numerics unchanged): malloc'd memory on transparent huge pages, blocks up to
@@ -19,7 +23,7 @@ STAMP := $(VENV)/.installed
 setup: $(STAMP)
 
 $(STAMP): requirements.lock pyproject.toml
-	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required, found " + sys.version.split()[0]'
+	@$(PYTHON) -c 'import sys; assert (3, 11) <= sys.version_info[:2] <= (3, 13), "Python 3.11-3.13 is required, found " + sys.version.split()[0]'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .

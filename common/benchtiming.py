@@ -1,7 +1,10 @@
-"""What `python -m torch_impl.bench` and `python -m jax_impl.bench` share: flags, shapes, the timing loop, figures.
+"""What every bench shares: the named shapes, and for `python -m torch_impl.bench` / `python -m jax_impl.bench`
+the flags, the timing loop and the figures.
 
-Each backend's bench.py builds its training step and says how to wait for the device; the warm-up, the timed
-windows, the median and the throughput / MFU arithmetic live here once, so the two report the same figures.
+SHAPES is the one vocabulary of benchmark shapes: `parity.bench` (pairwise, `--suite`, `--vs-plain`),
+`parity.profile`, `parity.sweep` and both backends' bench.py take the same names. Each backend's bench.py builds
+its training step and says how to wait for the device; the warm-up, the timed windows, the median and the
+throughput / MFU arithmetic live here once, so the two report the same figures.
 """
 from __future__ import annotations
 
@@ -12,12 +15,49 @@ import resource
 import statistics
 import sys
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
-from common.config import Config, ConfigError, load_toml, resolve_config_path
+from common.config import Config, ConfigError, apply_overrides, load_toml, resolve_config_path
 from common.plan import flops_per_token
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """A model size and one micro-step of `micro_batch_size` sequences per data-parallel replica."""
+    n_layer: int
+    n_head: int
+    n_embd: int
+    block_size: int
+    micro_batch_size: int
+
+
+DEFAULT_SHAPE = "default"  # the config's own model and batch, unchanged
+_GPT2_124M_B1 = Shape(12, 12, 768, 1024, 1)
+SHAPES: dict[str, Shape | None] = {
+    DEFAULT_SHAPE: None,
+    "tiny": Shape(4, 4, 128, 128, 8),
+    "small": Shape(6, 6, 384, 256, 4),
+    # GPT-2 124M benches one B=1 sequence per replica: a CPU step of the preset's 0.5M-token batch is far too
+    # long to time in rounds. The suite's row and the backends' --shape say `gpt2-124m`; `-b1` names the batch.
+    "gpt2-124m": _GPT2_124M_B1,
+    "gpt2-124m-b1": _GPT2_124M_B1,
+}
+
+
+def apply_shape(cfg: Config, shape: str, replicas: int = 1) -> Config:
+    """`cfg` with the shape's model dimensions and one micro-step per replica (`default`: `cfg` unchanged)."""
+    if shape not in SHAPES:
+        raise ConfigError(f"--shape: expected one of {', '.join(SHAPES)}, got '{shape}'")
+    s = SHAPES[shape]
+    if s is None:
+        return cfg
+    model = dataclasses.replace(cfg.model, n_layer=s.n_layer, n_head=s.n_head, n_embd=s.n_embd,
+                                block_size=s.block_size)
+    optim = dataclasses.replace(cfg.optim, micro_batch_size=s.micro_batch_size,
+                                total_batch_size=s.micro_batch_size * s.block_size * replicas)
+    return dataclasses.replace(cfg, model=model, optim=optim)
 
 
 def build_parser(prog: str, doc: str, add_backend_flags: Callable[[argparse.ArgumentParser], None]
@@ -25,7 +65,8 @@ def build_parser(prog: str, doc: str, add_backend_flags: Callable[[argparse.Argu
     """The flags both benches take; `add_backend_flags` adds --dtype and the backend's own after --shape."""
     p = argparse.ArgumentParser(prog=prog, description=doc.split("\n")[0])
     p.add_argument("--config", default="default", help="preset name or TOML path (model, batch, dtype)")
-    p.add_argument("--shape", choices=("default", "gpt2-124m"), default="default")
+    p.add_argument("--shape", choices=tuple(SHAPES), default=DEFAULT_SHAPE,
+                   help="a named shape over the config's model and batch (default: the config's own)")
     add_backend_flags(p)
     p.add_argument("--steps", type=int, default=5, help="steps per timed window")
     p.add_argument("--windows", type=int, default=3)
@@ -34,14 +75,11 @@ def build_parser(prog: str, doc: str, add_backend_flags: Callable[[argparse.Argu
     return p
 
 
-def shaped_config(config: str, shape: str, replicas: int = 1) -> Config:
-    """The preset, or for `gpt2-124m` its GPT-2-124M model with one B=1 micro-step per data-parallel replica."""
-    cfg = load_toml(resolve_config_path(config))
-    if shape == "gpt2-124m":
-        model = load_toml(resolve_config_path("gpt2-124m")).model
-        cfg = dataclasses.replace(cfg, model=model, optim=dataclasses.replace(
-            cfg.optim, micro_batch_size=1, total_batch_size=model.block_size * replicas))
-    return cfg
+def shaped_config(config: str, shape: str, replicas: int = 1, overrides: Sequence[str] = ()) -> Config:
+    """The preset, then the shape (one micro-step per data-parallel replica), then `--section.key value`
+    overrides, so the user's flags win over both."""
+    cfg = apply_shape(load_toml(resolve_config_path(config)), shape, replicas)
+    return apply_overrides(cfg, overrides)
 
 
 def random_tokens(cfg: Config, accum: int, rows: int) -> np.ndarray:

@@ -41,7 +41,7 @@ def byte_lengths(decode_bytes: Callable[[int], bytes], vocab_size: int = VOCAB_S
 
 @functools.cache
 def token_byte_lengths() -> np.ndarray:
-    """byte_lengths of the GPT-2 tokenizer (50257 entries), built once per process (~50 ms)."""
+    """byte_lengths of the GPT-2 tokenizer (50257 entries), built once per process."""
     table = byte_lengths(get_tokenizer().encoding.decode_single_token_bytes)
     table.flags.writeable = False  # shared by every caller through the cache
     return table

@@ -1,26 +1,128 @@
-"""Checkpoint bookkeeping shared by both backends: naming, retention, code version, errors."""
+"""Checkpoint folder bookkeeping, written once for both backends.
+
+A run keeps its checkpoints under out_dir/checkpoints/step_XXXXXXXX (steps completed). A step folder
+counts once it holds meta.json, which every backend writes last and atomically (temp file, fsync,
+rename, fsync of the folder): torch writes its files into a hidden temp folder and renames it into
+place, JAX lets orbax finalize its folder, and both then hold their meta.json. So a crash at any
+moment leaves either the previous set of checkpoints or the new one. What each backend stores next
+to meta.json is its own (torch_impl/checkpoint.py, jax_impl/checkpoint.py).
+"""
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import shutil
 import subprocess
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from common.config import Config, ConfigError, config_from_dict, model_shape_diff
 
 CHECKPOINT_SUBDIR = "checkpoints"
+META = "meta.json"
+STEP_PREFIX = "step_"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the path (entry points exit with 2)."""
 
 
-def check_model_matches(path: Path, meta: dict[str, Any], cfg: Config) -> None:
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """What meta.json holds. A field added here is written by every save and defaults when reading
+    an older checkpoint; keys this version does not know are ignored."""
+    step: int  # optimizer steps completed
+    backend: str  # "torch" | "jax": which backend's files sit next to meta.json
+    config: dict[str, Any]  # Config.to_dict() of the run
+    loader: dict[str, Any] | None = None  # DataLoader.state_dict(); None: the data order follows from step
+    history: list[dict[str, Any]] = field(default_factory=list)  # the metrics records so far
+    code_version: str = "unknown"
+    val_loss: float | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1) + "\n"
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> CheckpointMeta:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: cannot read checkpoint metadata ({e})") from None
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{path}: checkpoint metadata is not a JSON object")
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                   and f.name not in data]
+        if missing:
+            raise CheckpointError(f"{path}: checkpoint metadata lacks {', '.join(missing)}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def run_config(self, where: str | os.PathLike = META) -> Config:
+        """The run's Config; CheckpointError naming `where` when it cannot be read."""
+        try:
+            return config_from_dict(self.config)
+        except (TypeError, AttributeError, ConfigError) as e:
+            raise CheckpointError(f"{where}: holds no readable config ({e})") from None
+
+    def replace(self, **changes: Any) -> CheckpointMeta:
+        return dataclasses.replace(self, **changes)
+
+
+def step_dir_name(step: int) -> str:
+    return f"{STEP_PREFIX}{step:08d}"
+
+
+def step_of(folder: Path) -> int | None:
+    """The step a step_XXXXXXXX folder name stands for; None for any other name."""
+    digits = folder.name[len(STEP_PREFIX):]
+    return int(digits) if folder.name.startswith(STEP_PREFIX) and digits.isdigit() else None
+
+
+def is_complete(folder: Path) -> bool:
+    return step_of(folder) is not None and (folder / META).is_file()
+
+
+def complete_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints of a run folder, oldest first."""
+    root = Path(out_dir) / CHECKPOINT_SUBDIR
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and is_complete(p)), key=step_of)
+
+
+def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
+    found = complete_checkpoints(out_dir)
+    return found[-1] if found else None
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """A complete checkpoint folder as given, or the newest one of a run folder (or of its checkpoints/)."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such checkpoint or run folder")
+    if step_of(p) is not None:
+        if not is_complete(p):
+            raise CheckpointError(f"{p}: no complete checkpoint here (incomplete: a step folder counts once its "
+                                  f"{META}, written last, exists; the save was interrupted)")
+        return p
+    for run_dir in (p, p.parent if p.name == CHECKPOINT_SUBDIR else None):
+        if run_dir is not None and (latest := latest_checkpoint(run_dir)) is not None:
+            return latest
+    raise CheckpointError(f"{p}: no complete checkpoint in this folder")
+
+
+def read_meta(folder: str | os.PathLike) -> CheckpointMeta:
+    return CheckpointMeta.from_json(Path(folder) / META)
+
+
+def check_model_matches(path: Path, meta: CheckpointMeta, cfg: Config) -> None:
     """Refuse, naming the field, a checkpoint whose model shape differs from the config's (before any
     framework meets mismatched tensors); intervals, max_steps and the like may change."""
-    try:
-        saved = config_from_dict(meta["config"])
-    except (KeyError, TypeError, AttributeError, ConfigError) as e:
-        raise CheckpointError(f"{path}: meta.json holds no readable config ({e})") from None
+    saved = meta.run_config(Path(path) / META)
     changed = model_shape_diff(saved.model, cfg.model)
     if changed:
         key = changed[0].split(".", 1)[1]
@@ -28,18 +130,73 @@ def check_model_matches(path: Path, meta: dict[str, Any], cfg: Config) -> None:
                               f"the config asks for {getattr(cfg.model, key)}")
 
 
-def step_dir_name(step: int) -> str:
-    return f"step_{step:08d}"
+def open_checkpoint(path: str | os.PathLike, cfg: Config) -> tuple[Path, CheckpointMeta]:
+    """(folder, meta) of the checkpoint `path` names (see resolve), refused if its model is not cfg's."""
+    folder = resolve(path)
+    meta = read_meta(folder)
+    check_model_matches(folder, meta, cfg)
+    return folder, meta
 
 
-def checkpoints_to_keep(entries: list[tuple[int, float | None]], keep_last: int) -> set[int]:
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_meta(folder: Path, meta: CheckpointMeta) -> Path:
+    """meta.json, atomically: a reader sees the old file, no file, or the whole new one; after a power
+    cut too (the data and then the rename are fsynced)."""
+    path = Path(folder) / META
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(meta.to_json())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    return path
+
+
+def checkpoints_to_keep(entries: Iterable[tuple[int, float | None]], keep_last: int) -> set[int]:
     """Steps to keep among (step, val_loss) entries: the newest `keep_last` plus the best val loss."""
+    entries = list(entries)
     steps = sorted(s for s, _ in entries)
     keep = set(steps[-keep_last:]) if keep_last > 0 else set()
     scored = [(v, s) for s, v in entries if v is not None]
     if scored:
         keep.add(min(scored)[1])
     return keep
+
+
+def retained_steps(out_dir: str | os.PathLike, meta: CheckpointMeta) -> set[int]:
+    """The steps to keep once checkpoint `meta.step` is saved: run.keep_checkpoints of the run's config,
+    newest first, plus the best val_loss; the new one's val_loss comes from `meta`, the others' from
+    their meta.json (an unreadable one can still be pruned by age)."""
+    def val_loss(folder: Path) -> float | None:
+        try:
+            return read_meta(folder).val_loss
+        except CheckpointError:
+            return None
+
+    entries = [(step_of(p), val_loss(p)) for p in complete_checkpoints(out_dir) if step_of(p) != meta.step]
+    entries.append((meta.step, meta.val_loss))
+    keep_last = meta.run_config().run.keep_checkpoints
+    return checkpoints_to_keep(entries, keep_last) | {meta.step}
+
+
+def prune(out_dir: str | os.PathLike, keep: set[int]) -> None:
+    """Delete the complete checkpoints whose step is not in `keep`."""
+    for p in complete_checkpoints(out_dir):
+        if step_of(p) not in keep:
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def code_version() -> str:

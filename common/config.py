@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from common.precision import DTYPES
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = "default"
 
@@ -35,10 +37,6 @@ class ModelConfig:
     # Rows of (B·T) per chunk of the fused tied head + cross-entropy in training; 0 materialises the full
     # (B·T, padded_vocab_size) logits. A compute choice, not a shape: checkpoints move freely between values.
     loss_chunk_rows: int = 128
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
 
 
 @dataclass(frozen=True)
@@ -67,7 +65,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class RunConfig:
     seed: int = 1337
-    dtype: str = "fp32"  # fp32 | bf16 | fp16 (torch only, with GradScaler) | fp64 (parity)
+    dtype: str = "fp32"  # a name of common/precision.py: fp32 | bf16 | fp16 (torch only) | fp64 (parity)
     compile: bool = False  # torch.compile the model (JAX always compiles its step under jit)
     device: str = "auto"  # auto | cpu | cuda
     devices: int = 0  # JAX: local devices in the data-parallel mesh (0 = all)
@@ -83,7 +81,6 @@ class RunConfig:
     top_k: int = 50
     temperature: float = 1.0
     peak_tflops: float = 0.0  # MFU denominator; 0 = a stated default for the device and dtype
-    progress: bool = True
     hellaswag_path: str = ""  # a hellaswag_val.jsonl scored every hellaswag_interval steps and at the end
     hellaswag_interval: int = 0  # 0 = only at the end (when hellaswag_path is set)
     hellaswag_limit: int = 0  # examples scored per evaluation; 0 = the whole file
@@ -105,10 +102,10 @@ class Config:
         return dataclasses.asdict(self)
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 _SECTION_TYPES = {"model": ModelConfig, "optim": OptimConfig, "data": DataConfig, "run": RunConfig}
-DTYPES = ("fp32", "bf16", "fp16", "fp64")
 ORDERS = ("shuffled", "stream")
+# Fields older versions wrote into checkpoints' meta.json and that no longer exist: skipped when reading one.
+RETIRED = {("run", "progress")}
 
 
 def _coerce(value: Any, default: Any, where: str) -> Any:
@@ -283,7 +280,8 @@ def config_from_dict(d: dict[str, Any]) -> Config:
     cfg = Config()
     for section, table in d.items():
         for key, value in table.items():
-            cfg = _apply(cfg, section, key, value, "checkpoint config")
+            if (section, key) not in RETIRED:
+                cfg = _apply(cfg, section, key, value, "checkpoint config")
     return cfg
 
 
@@ -316,10 +314,6 @@ def parse_args(argv: Sequence[str] | None, prog: str, description: str,
     cfg = apply_overrides(load_toml(path), rest)
     extra = {k: v for k, v in vars(ns).items() if k not in ("config", "resume")}
     return Args(config=cfg, config_path=path, resume=ns.resume, extra=extra)
-
-
-def config_lines(cfg: Config) -> list[str]:
-    return [f"{sec}.{k} = {v!r}" for sec, sub in cfg.to_dict().items() for k, v in sub.items()]
 
 
 def dump_toml(cfg: Config) -> str:

@@ -15,13 +15,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from common.bpb import bits_per_byte, perplexity, utf8_bytes_of_targets
-from common.checkpoints import CheckpointError
-from common.cli import Parser, UsageError
-from common.config import ConfigError
+from common.cli import INPUT_ERRORS, Parser, UsageError
 from common.data import DataError, val_batches
-from common.hellaswag import HellaSwagError, evaluate_hellaswag
-from common.hf import HFError
-from common.shards import ShardError
+from common.hellaswag import evaluate_hellaswag
+from common.portable import Portable
+from common.precision import dtypes_for
+from common.sampling import DEVICES
 from common.tokenizer import VOCAB_SIZE
 
 DEFAULT_BATCH_SIZE = 4  # rows per batch for a Hugging Face folder, whose files record no batch size
@@ -58,7 +57,7 @@ def hellaswag_metrics(losses_fn: LossesFn, path: str | Path, vocab_size: int, bl
                               block_size=block_size)
 
 
-def build_parser(backend: str, dtypes: Sequence[str]) -> argparse.ArgumentParser:
+def build_parser(backend: str) -> argparse.ArgumentParser:
     p = Parser(prog=f"python -m {backend}_impl.evaluate",
                 description="Score a checkpoint: val loss, perplexity, bits per byte, HellaSwag.")
     p.add_argument("--checkpoint", required=True,
@@ -71,8 +70,8 @@ def build_parser(backend: str, dtypes: Sequence[str]) -> argparse.ArgumentParser
                    help=f"rows per batch (default: the checkpoint's micro_batch_size, else {DEFAULT_BATCH_SIZE})")
     p.add_argument("--hellaswag", default=None, metavar="PATH", help="a hellaswag_val.jsonl to score")
     p.add_argument("--hellaswag-limit", type=int, default=None, metavar="N", help="score the first N examples")
-    p.add_argument("--dtype", choices=tuple(dtypes), default="fp32")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--dtype", choices=dtypes_for(backend), default="fp32")
+    p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the numbers to this JSON file")
     return p
 
@@ -90,10 +89,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--json: the folder of {args.json} does not exist")
 
 
-def score(args: argparse.Namespace, losses_fn: LossesFn, portable: Any, kind: str, backend: str, device: Any,
+def score(args: argparse.Namespace, losses_fn: LossesFn, portable: Portable, backend: str, device: Any,
           log: Callable[[str], None] = print) -> dict[str, Any]:
     """Val metrics and HellaSwag of one loaded checkpoint, printed and returned (and written to --json)."""
-    cfg = portable.config
+    cfg, kind = portable.config, portable.kind
     result: dict[str, Any] = {"checkpoint": str(args.checkpoint), "source": kind, "step": portable.step,
                               "backend": backend, "dtype": args.dtype}
     log(f"checkpoint: {args.checkpoint} ({kind}, step {portable.step}); scoring with {backend} on {device}, "
@@ -119,16 +118,12 @@ def score(args: argparse.Namespace, losses_fn: LossesFn, portable: Any, kind: st
     return result
 
 
-ERRORS = (UsageError, CheckpointError, ConfigError, HFError, DataError, ShardError, HellaSwagError)
-
-
-def run_cli(backend: str, dtypes: Sequence[str], evaluate: Callable[[argparse.Namespace], Any],
-            argv: Sequence[str] | None) -> int:
+def run_cli(backend: str, evaluate: Callable[[argparse.Namespace], Any], argv: Sequence[str] | None) -> int:
     try:
-        args = build_parser(backend, dtypes).parse_args(argv)
+        args = build_parser(backend).parse_args(argv)
         check_args(args)
         evaluate(args)
         return 0
-    except ERRORS as e:
+    except INPUT_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,8 +1,8 @@
 """Process start-up for the trainers and benches: glibc malloc tunables without `make`.
 
-docs/performance.md measures what GLIBC_TUNABLES below does for a training step (minor page faults
-per step ~280k → ~10, a faster steady state, numerics unchanged). The Makefile exports the same
-value, but glibc reads GLIBC_TUNABLES only once, when the process starts (the dynamic loader sets
+GLIBC_TUNABLES below keeps a training step from faulting in fresh pages for the buffers it frees and
+allocates again every step (`python -m torch_impl.bench` reports minor faults per step; numerics are
+unchanged). The Makefile exports the same value, but glibc reads GLIBC_TUNABLES only once, when the process starts (the dynamic loader sets
 malloc up before any Python runs); setting os.environ afterwards changes nothing for this process.
 So a run started directly (`python -m torch_impl.train`) re-executes itself once with the variable
 set: `if __name__ == "__main__": ensure_allocator_env("torch_impl.train")` before anything else.

@@ -9,6 +9,7 @@ Neither package is a dependency: setting a flag without its package is a one-lin
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -38,21 +39,29 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
 
 
 class TensorBoardSink:
-    """Event files under out_dir/tensorboard, flushed per record so a crash loses nothing logged."""
+    """Event files under out_dir/tensorboard, flushed per record so a crash loses nothing logged.
+
+    Written with the tensorboard package's own event writer (what torch.utils.tensorboard wraps), so a
+    JAX run never imports torch.
+    """
 
     def __init__(self, log_dir: str | Path):
         try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # torch raises this when the tensorboard package is absent
+            from tensorboard.compat.proto.event_pb2 import Event
+            from tensorboard.compat.proto.summary_pb2 import Summary
+            from tensorboard.summary.writer.event_file_writer import EventFileWriter
+        except ImportError:
             raise ConfigError("run.tensorboard: the tensorboard package is not installed "
                               "(pip install tensorboard)") from None
         self.log_dir = Path(log_dir)
-        self.writer = SummaryWriter(log_dir=str(self.log_dir))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._event, self._summary = Event, Summary
+        self.writer = EventFileWriter(str(self.log_dir))
 
     def log(self, record: dict[str, Any]) -> None:
-        step = int(record["step"]) + 1
-        for key, value in scalars(record).items():
-            self.writer.add_scalar(key, value, global_step=step)
+        values = [self._summary.Value(tag=key, simple_value=value) for key, value in scalars(record).items()]
+        self.writer.add_event(self._event(wall_time=time.time(), step=int(record["step"]) + 1,
+                                          summary=self._summary(value=values)))
         self.writer.flush()
 
     def close(self) -> None:

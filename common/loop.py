@@ -20,19 +20,15 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from common.backend import Backend, DistInfo
-from common.checkpoints import CheckpointError, check_model_matches, code_version
-from common.config import (Config, ConfigError, DataConfig, build_parser, config_from_dict,
-                           parse_args, validate)
+from common.checkpoints import CheckpointError, CheckpointMeta, check_model_matches, code_version, latest_checkpoint
+from common.cli import INPUT_ERRORS
+from common.config import Config, ConfigError, DataConfig, build_parser, parse_args, validate
 from common.data import DataError, loader_for, val_batches_for
 from common.hellaswag import HellaSwagError, load_examples
-from common.hf import HFError
 from common.loggers import Sinks, open_sinks
 from common.plan import flops_per_token, plan_lines
 from common.records import MetricsLog, format_line
 from common.report import write_run_report
-from common.shards import ShardError
-
-INPUT_ERRORS = (ConfigError, DataError, ShardError, CheckpointError, HFError, HellaSwagError)
 
 
 # With run.log_interval 0 (or larger than this), step metrics are still flushed to records at least
@@ -79,9 +75,9 @@ def ensure_data(cfg: Config, log: Callable[..., None]) -> None:
             time.sleep(1)
 
 
-def _check_resumable(saved: dict[str, Any], cfg: Config, path: Path) -> None:
+def _check_resumable(saved: CheckpointMeta, cfg: Config, path: Path) -> None:
     check_model_matches(path, saved, cfg)
-    saved_cfg = config_from_dict(saved["config"])
+    saved_cfg = saved.run_config(path)
     if saved_cfg.optim.total_batch_size != cfg.optim.total_batch_size:
         raise CheckpointError(f"{path}: cannot resume with a different optim.total_batch_size "
                               f"(checkpoint {saved_cfg.optim.total_batch_size}, config {cfg.optim.total_batch_size})")
@@ -91,8 +87,8 @@ def _sample_texts(backend: Backend, state: Any, cfg: Config) -> list[str]:
     from common.tokenizer import EOT, decode, encode
 
     r = cfg.run
-    prompt = encode(r.sample_prompt) if r.sample_prompt else [EOT]
-    if max(prompt) >= cfg.model.vocab_size:  # a toy vocabulary (tests) cannot hold GPT-2's ids
+    prompt = encode(r.sample_prompt)  # empty: generation starts from EOT (common.sampling.context)
+    if max(prompt, default=EOT) >= cfg.model.vocab_size:  # a toy vocabulary (tests) cannot hold GPT-2's ids
         return []
     rows: list[list[int]] = [[] for _ in range(r.num_samples)]
     for tokens in backend.generate(state, prompt, r.num_samples, r.sample_tokens, r.temperature, r.top_k, r.seed):
@@ -128,18 +124,12 @@ def _hellaswag(backend: Backend, state: Any, cfg: Config) -> dict[str, float]:
     return {"hellaswag_acc": hs["acc"], "hellaswag_acc_norm": hs["acc_norm"], "hellaswag_n": hs["n"]}
 
 
-def _compile_label(backend_name: str, compile_flag: bool) -> str:
-    """run.compile is torch.compile; JAX's step is compiled by jit whatever the flag says."""
-    return "jit" if backend_name == "jax" else f"compile {compile_flag}"
-
-
 def _eta(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def train(backend: Backend, cfg: Config, resume: str | None = None, weights: dict | None = None,
-          log: Callable[..., None] = print) -> TrainResult:
+def train(backend: Backend, cfg: Config, resume: str | None = None, log: Callable[..., None] = print) -> TrainResult:
     """Run (or continue) training as configured; see the module docstring."""
     dist = backend.setup(cfg)
     cfg = validate(cfg, dist.data_parallel_size)
@@ -157,28 +147,28 @@ def train(backend: Backend, cfg: Config, resume: str | None = None, weights: dic
     start = 0
     if resume is not None:
         path = out_dir if resume == "latest" else Path(resume)
-        if resume == "latest" and backend.latest_checkpoint(out_dir) is None:
+        if resume == "latest" and latest_checkpoint(out_dir) is None:
             raise CheckpointError(f"{out_dir}: no checkpoint to resume from")
         state, meta = backend.load_checkpoint(path, cfg, dist)
         _check_resumable(meta, cfg, path)
-        start, history = int(meta["step"]), list(meta.get("history", []))
-        if meta.get("loader"):
-            loader.load_state_dict(meta["loader"])
+        start, history = meta.step, list(meta.history)
+        if meta.loader:
+            loader.load_state_dict(meta.loader)
         else:  # converted from weights alone: the data order still follows from the step
             loader.step = start
         say(f"resumed from {path} at step {start}")
     else:
-        latest = backend.latest_checkpoint(out_dir)
+        latest = latest_checkpoint(out_dir)
         if latest is not None:
             raise CheckpointError(f"{out_dir} already holds checkpoints (newest: {latest.name}); pass --resume to "
                                   f"continue that run or --run.out_dir for a new one")
-        state = backend.init_state(cfg, dist, weights)
+        state = backend.init_state(cfg, dist)
 
     for line in plan_lines(cfg, dist.data_parallel_size, loader.stream.epoch_tokens):
         say(line)
     peak, peak_source = backend.peak_flops(cfg, dist)
     say(f"backend: {backend.name} on {dist.device} ({dist.data_parallel_size} replicas, "
-        f"{dist.process_count} processes), dtype {r.dtype}, {_compile_label(backend.name, r.compile)}; "
+        f"{dist.process_count} processes), dtype {r.dtype}, {backend.compile_label(cfg)}; "
         f"MFU against {peak / 1e12:.3g} TFLOP/s per replica ({peak_source})")
     say(f"output: {out_dir}")
 
@@ -220,7 +210,7 @@ def train(backend: Backend, cfg: Config, resume: str | None = None, weights: dic
             if not (math.isfinite(loss) and math.isfinite(norm)):
                 pending.clear()
                 emit(records)  # the steps before the first non-finite one, as when every step was checked
-                good = backend.latest_checkpoint(out_dir)
+                good = latest_checkpoint(out_dir)
                 raise NonFiniteError(f"step {step}: loss {loss} / grad norm {norm} is not finite; training "
                                      f"stopped (last good checkpoint: {good if good else 'none'})")
             tokens += o.total_batch_size
@@ -287,9 +277,9 @@ def train(backend: Backend, cfg: Config, resume: str | None = None, weights: dic
             for text in _sample_texts(backend, state, cfg):
                 say(f"sample> {text!r}")
         if do_checkpoint:
-            meta = {"step": done, "backend": backend.name, "config": cfg.to_dict(), "loader": loader.state_dict(),
-                    "history": history, "code_version": code_version(), "val_loss": rec.get("val_loss")}
-            checkpoint = backend.save_checkpoint(state, out_dir, done, meta, rec.get("val_loss")) or checkpoint
+            meta = CheckpointMeta(step=done, backend=backend.name, config=cfg.to_dict(), loader=loader.state_dict(),
+                                  history=list(history), code_version=code_version(), val_loss=rec.get("val_loss"))
+            checkpoint = backend.save_checkpoint(state, out_dir, meta) or checkpoint
         if do_eval or do_hellaswag or do_sample or do_checkpoint:
             window_start = time.perf_counter()  # evaluation, samples and checkpoints are not training throughput
 
@@ -313,15 +303,10 @@ def main(backend: Backend, argv: Sequence[str] | None = None) -> int:
     prog = f"python -m {backend.name}_impl.train"
     description = f"Train GPT-2 with the {backend.name} backend (no arguments: the default CPU run)."
     parser = build_parser(prog, description)
-    add_arguments = getattr(backend, "add_arguments", None)
-    if add_arguments:
-        add_arguments(parser)
+    backend.add_arguments(parser)
     try:
         args = parse_args(argv, prog, description, parser)
-        cfg = args.config
-        apply_arguments = getattr(backend, "apply_arguments", None)
-        if apply_arguments:
-            cfg = apply_arguments(args.extra, cfg)
+        cfg = backend.apply_arguments(args.extra, args.config)
         print(f"config: {args.config_path}")
         train(backend, cfg, resume=args.resume)
         return 0

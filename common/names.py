@@ -8,6 +8,8 @@ keeps the padded vocabulary rows; only the Hugging Face export crops them (see c
 """
 from __future__ import annotations
 
+import numpy as np
+
 from common.config import ModelConfig
 
 BLOCK_PARAMS = (  # (suffix, shape as a function of n_embd C)
@@ -52,11 +54,38 @@ def decays(name: str, shape: tuple[int, ...]) -> bool:
     return len(shape) >= 2
 
 
+def decay_groups(cfg: ModelConfig) -> tuple[list[str], list[str]]:
+    """(decayed names, undecayed names), each in param_shapes order: AdamW's two parameter groups."""
+    shapes = param_shapes(cfg)
+    return ([n for n, s in shapes.items() if decays(n, s)], [n for n, s in shapes.items() if not decays(n, s)])
+
+
 def init_std(name: str, cfg: ModelConfig) -> float:
     """Std of the normal init of a ≥2-D parameter (1-D: LayerNorm weight 1, biases 0)."""
     if name.endswith(RESIDUAL_PROJECTIONS):
         return 0.02 / (2 * cfg.n_layer) ** 0.5
     return 0.02
+
+
+def init_weights(cfg: ModelConfig, seed: int) -> dict[str, np.ndarray]:
+    """The GPT-2 init as common weights (float32), the same arrays for both backends: normal(0.02)
+    matrices and embeddings, 0.02/sqrt(2L) residual projections, zero biases, unit LayerNorm gains.
+
+    Drawn tensor by tensor in param_shapes order, the i-th from numpy's PCG64 seeded with (seed, i), so
+    a tensor's values depend only on the seed and its place in the contract. Always float32: a run in
+    another dtype casts these (an fp64 parity run starts from the fp32 run's weights).
+    """
+    weights = {}
+    for i, (name, shape) in enumerate(param_shapes(cfg).items()):
+        if len(shape) >= 2:
+            a = np.random.default_rng([seed, i]).standard_normal(shape, dtype=np.float32)
+            a *= np.float32(init_std(name, cfg))
+        elif name.endswith(".bias"):
+            a = np.zeros(shape, np.float32)
+        else:  # the only 1-D weights are LayerNorm gains
+            a = np.ones(shape, np.float32)
+        weights[name] = a
+    return weights
 
 
 def check_weights(weights: dict, cfg: ModelConfig, source: str) -> None:

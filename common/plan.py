@@ -29,9 +29,9 @@ def flops_per_token(cfg: ModelConfig) -> int:
     return 6 * num_params(cfg, include_wpe=False) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
 
-# Stated peaks for MFU (FLOP/s per replica). CPU figures are the 2-vCPU AMD EPYC GEMM peaks of
-# ../shared/perf-notes.md (other CPUs differ: `python -m parity.probe` measures yours, `--run.peak_tflops`
-# uses it); GPU ones are the A100's dense tensor-core peaks, nanoGPT's convention.
+# Stated peaks for MFU (FLOP/s per replica). CPU figures are a 2-vCPU AMD EPYC's GEMM peaks (other CPUs
+# differ: `python -m parity.probe` measures yours, `--run.peak_tflops` uses it); GPU ones are the A100's
+# dense tensor-core peaks, nanoGPT's convention.
 PEAK_FLOPS = {
     ("cpu", "fp32"): (340e9, "a 2-vCPU AMD EPYC's fp32 GEMM peak; python -m parity.probe measures this CPU's"),
     ("cpu", "fp64"): (170e9, "half the fp32 CPU peak"),

@@ -5,6 +5,7 @@ One line per optimizer step: {"backend", "step", "loss", "lr", "grad_norm", "ms"
 is the 0-based index of the optimizer step; `tokens` counts tokens trained on after it. `ms` is the
 step's share of its flush window's wall time (common/loop.py converts device metrics every
 log_interval steps, not every step); `data_ms` is the host time the step spent in the data loader.
+common/report.py and the loop's resume read them back through read_records.
 """
 from __future__ import annotations
 
@@ -12,10 +13,6 @@ import json
 import math
 from pathlib import Path
 from typing import Any
-
-RECORD_FIELDS = ("backend", "step", "loss", "lr", "grad_norm", "ms", "data_ms", "tokens_per_s", "mfu", "tokens",
-                 "elapsed_s", "val_loss")
-
 
 class MetricsLog:
     """Appends records to `path`; on resume, lines past the resumed step are dropped first."""
@@ -34,11 +31,34 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
 
+class RecordsError(ValueError):
+    """A metrics file that cannot be read; the message names the file and line."""
+
+
+REQUIRED = ("step", "loss")
+
+
 def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl, validated line by line (each a JSON object with a numeric step and loss)."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecordsError(f"{path}: cannot read: {getattr(e, 'strerror', None) or e}") from None
     records = []
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
-            records.append(json.loads(line))
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise RecordsError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(rec, dict):
+            raise RecordsError(f"{path}:{lineno}: expected a JSON object per line")
+        missing = [k for k in REQUIRED if not isinstance(rec.get(k), (int, float)) or isinstance(rec.get(k), bool)]
+        if missing:
+            raise RecordsError(f"{path}:{lineno}: missing or non-numeric field(s) {', '.join(missing)}")
+        records.append(rec)
     return records
 
 

@@ -11,21 +11,21 @@ completed (record step + 1), the numbering of the console lines and checkpoints.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from common.records import RecordsError, read_records
+
 METRICS_FILE = "metrics.jsonl"
 WARMUP_STEPS = 2  # the first steps include compilation; excluded from throughput, as in common/loop.py
 DIAGNOSTICS = {"grad_to_weight": "gradient-to-weight norm ratio", "group_grad_norms": "gradient norm per group"}
-REQUIRED = ("step", "loss")
 MARKERS = ("o", "s", "^", "D", "v", "P")
 
 
-class ReportError(ValueError):
+class ReportError(RecordsError):
     """A run folder or metrics file that cannot be read; the message names the file (and line)."""
 
 
@@ -48,34 +48,11 @@ def metrics_path(run: str | Path) -> Path:
     return p
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Records of a metrics.jsonl, validated line by line (common.records.read_records does not say where)."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ReportError(f"{path}: cannot read: {getattr(e, 'strerror', None) or e}") from None
-    records = []
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ReportError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(rec, dict):
-            raise ReportError(f"{path}:{lineno}: expected a JSON object per line")
-        missing = [k for k in REQUIRED if not isinstance(rec.get(k), (int, float)) or isinstance(rec.get(k), bool)]
-        if missing:
-            raise ReportError(f"{path}:{lineno}: missing or non-numeric field(s) {', '.join(missing)}")
-        records.append(rec)
-    if not records:
-        raise ReportError(f"{path}: no records")
-    return records
-
-
 def load_run(run: str | Path, label: str | None = None) -> Run:
     path = metrics_path(run)
-    records = read_metrics(path)
+    records = read_records(path)
+    if not records:
+        raise ReportError(f"{path}: no records")
     if label is None:
         backend = str(records[0].get("backend", "?"))
         folder = path.parent.resolve()
@@ -364,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for run in runs:
             print("\n".join(summary_lines(run, args.target)))
         paths = write_plots(runs, out, args.target)
-    except ReportError as e:
+    except RecordsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # an --out that cannot be created or written

@@ -1,8 +1,9 @@
 """What `python -m torch_impl.sample` and `python -m jax_impl.sample` share: flags, prompt, streamed output.
 
-Each backend's sample.py supplies the framework parts (loading the model, generating token ids); the flags,
-their checks, the prompt's source and the streaming of decoded text live here once, so the two CLIs behave
-alike. Bad input is one `error: …` line on stderr and exit code 2.
+Each backend's sample.py supplies the framework parts (building the model, generating token ids); the flags,
+their checks, the prompt's source, where generation starts and the streaming of decoded text live here once,
+so the two CLIs behave alike. Both read either backend's checkpoints and Hugging Face folders
+(common/portable.py). Bad input is one `error: …` line on stderr and exit code 2.
 """
 from __future__ import annotations
 
@@ -10,22 +11,25 @@ import argparse
 import sys
 from typing import Any, Callable, Iterable, Sequence, TextIO
 
-from common.checkpoints import CheckpointError
-from common.cli import Parser, UsageError
-from common.config import ConfigError
-from common.hf import HFError
+from common.cli import INPUT_ERRORS, Parser, UsageError
+from common.precision import dtypes_for
+
+DEVICES = ("auto", "cpu", "cuda")
 
 
-def build_parser(prog: str, doc: str, checkpoint_help: str, prompt_help: str) -> argparse.ArgumentParser:
-    """The flags both backends take; each adds its --dtype choices (and any flag of its own) after them."""
+def build_parser(prog: str, doc: str, backend: str) -> argparse.ArgumentParser:
+    """The flags of both backends' sample CLIs; --dtype offers what `backend` runs (common/precision.py)."""
     p = Parser(prog=prog, description=doc.split("\n")[0])
-    p.add_argument("--checkpoint", required=True, help=checkpoint_help)
-    p.add_argument("--prompt", default=None, help=prompt_help)
+    p.add_argument("--checkpoint", required=True,
+                   help="torch or JAX checkpoint or run folder (its newest checkpoint), or a Hugging Face GPT-2 folder")
+    p.add_argument("--prompt", default=None, help="text to continue (default: stdin when piped, else start from EOT)")
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=50, help="0 = no top-k filtering")
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--dtype", choices=dtypes_for(backend), default="fp32")
+    p.add_argument("--device", choices=DEVICES, default="auto")
     return p
 
 
@@ -42,6 +46,15 @@ def read_prompt(flag: str | None) -> str:
     if flag is not None:
         return flag
     return sys.stdin.read() if not sys.stdin.isatty() else ""  # an empty prompt starts from EOT
+
+
+def context(prompt: Sequence[int], vocab_size: int) -> list[int]:
+    """The ids generation starts from: the prompt, or for an empty one GPT-2's convention, EOT (the last
+    vocabulary id). ValueError for an id outside the vocabulary."""
+    for t in prompt:
+        if not 0 <= t < vocab_size:
+            raise ValueError(f"prompt token id {t} is outside the model's vocabulary of {vocab_size}")
+    return list(prompt) or [vocab_size - 1]
 
 
 def encode_prompt(text: str, vocab_size: int) -> list[int]:
@@ -104,6 +117,6 @@ def main(argv: Sequence[str] | None, parser: argparse.ArgumentParser, load: Call
         model = load(args)
         run(args, model, read_prompt(args.prompt), sys.stdout)
         return 0
-    except (UsageError, CheckpointError, HFError, ConfigError) as e:
+    except INPUT_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

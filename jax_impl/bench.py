@@ -1,10 +1,11 @@
 """Time full training steps (forward + backward + AdamW): `python -m jax_impl.bench [--dtype bf16] [--devices N]`.
 
-Shapes: `default` is the config's own step (micro_batch_size × block_size per device, accumulated to
-total_batch_size); `gpt2-124m` is one GPT-2-124M-shaped micro-step at B=1, T=1024. Tokens are random.
-Compilation (lower + compile) and the first execution are timed on their own; warm-up steps are
-excluded and the figure is the median over several timed windows, each step including the host →
-device batch transfer as in the training loop.
+`--shape`: `default` is the config's own step (micro_batch_size × block_size per device, accumulated
+to total_batch_size); the other names of common.benchtiming.SHAPES (tiny, small, gpt2-124m ...) set the
+model and one micro-step per replica, as in every bench. Tokens are random. Compilation (lower +
+compile) and the first execution are timed on their own; warm-up steps are excluded and the figure
+is the median over several timed windows, each step including the host → device batch transfer as
+in the training loop.
 """
 from __future__ import annotations
 

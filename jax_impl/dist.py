@@ -1,23 +1,86 @@
-"""Distributed set-up for JAX: jax.distributed, the device mesh and the shardings, never in the model.
+"""What a JAX process runs on: its devices and mesh, its numeric precision, and jax.distributed.
 
+The device picker and the run.dtype mapping here serve training, sampling and evaluation alike.
 One mesh axis, "data": the batch is split over it and parameters and optimizer state are replicated,
 so XLA inserts the gradient all-reduce that DDP does in torch. An FSDP axis would be a second mesh
 axis ("data", "fsdp") with `param_sharding` returning P over "fsdp" for large tensors; batch_sharding
 would then split rows over both axes. Nothing outside this file knows which axes exist.
+torch_impl/dist.py is the torch side.
 """
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from common.backend import DistInfo
 from common.config import Config, ConfigError
+from common.precision import PRECISIONS, Precision, unsupported
 
 DATA_AXIS = "data"
+# Compiled programs are kept here across runs unless JAX_COMPILATION_CACHE_DIR names another folder, so
+# a config's second run skips compilation.
+COMPILATION_CACHE_DIR = Path("~/.cache/gpt2-twin/jax").expanduser()
 _initialized_here = False
+
+
+def pick_devices(want: str, flag: str = "run.device") -> list:
+    """auto | cpu | cuda -> the devices of that platform (auto: JAX's default platform)."""
+    if want == "cpu":
+        return jax.devices("cpu")
+    if want == "cuda":
+        try:
+            return jax.devices("gpu")
+        except RuntimeError:
+            raise ConfigError(f"{flag} is cuda but JAX sees no GPU (is jax[cuda] installed?)") from None
+    return jax.devices()
+
+
+def precision(name: str) -> Precision:
+    """The run.dtype's row of common/precision.py; ConfigError when JAX does not run it."""
+    reason = unsupported(name, "jax")
+    if reason:
+        raise ConfigError(reason)
+    return PRECISIONS[name]
+
+
+def dtypes(name: str) -> tuple[jnp.dtype, jnp.dtype]:
+    """run.dtype -> (compute dtype of the matmuls, parameter and optimizer-state dtype)."""
+    p = precision(name)
+    return jnp.dtype(p.compute), jnp.dtype(p.params)
+
+
+def set_precision(name: str, exact: bool = False) -> None:
+    """float64 (x64) exactly for fp64 runs; full-precision matmuls in fp64 runs (or `exact`, for parity),
+    where GPUs and TPUs would otherwise take TF32 / bf16-pass matmuls for fp32. CPUs ignore the latter."""
+    set_x64(name)
+    jax.config.update("jax_default_matmul_precision", "highest" if exact or precision(name).float64 else None)
+
+
+def set_x64(name: str) -> None:
+    """JAX's float64 switch is per process: on for a run.dtype with float64 in it (fp64), off otherwise."""
+    x64 = precision(name).float64
+    if jax.config.jax_enable_x64 != x64:
+        jax.config.update("jax_enable_x64", x64)
+
+
+def enable_compilation_cache() -> None:
+    """JAX's persistent compilation cache, on by default (JAX_COMPILATION_CACHE_DIR wins if set)."""
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(COMPILATION_CACHE_DIR))
+
+
+def setup_distributed(cfg: Config) -> tuple[DistInfo, Mesh]:
+    """jax.distributed when launched that way, the precision flags, the compilation cache and the mesh."""
+    set_precision(cfg.run.dtype)
+    enable_compilation_cache()
+    _initialize()
+    mesh = make_mesh(cfg)
+    return dist_info(mesh), mesh
 
 
 def _launched_multiprocess() -> bool:
@@ -30,7 +93,7 @@ def _launched_multiprocess() -> bool:
     return False
 
 
-def initialize_distributed() -> bool:
+def _initialize() -> bool:
     """jax.distributed.initialize() once, when launched that way; returns whether it is initialized.
 
     JAX reads JAX_COORDINATOR_ADDRESS itself and detects SLURM / Open MPI; JAX_NUM_PROCESSES and
@@ -49,28 +112,17 @@ def initialize_distributed() -> bool:
     return True
 
 
-def shutdown_distributed() -> None:
+def teardown_distributed() -> None:
+    """Shut jax.distributed down if this process started it; safe to call twice."""
     global _initialized_here
     if _initialized_here:
         jax.distributed.shutdown()
         _initialized_here = False
 
 
-def _platform_devices(cfg: Config) -> list:
-    want = cfg.run.device
-    if want == "cpu":
-        return jax.devices("cpu")
-    if want == "cuda":
-        try:
-            return jax.devices("gpu")
-        except RuntimeError:
-            raise ConfigError("run.device is cuda but JAX sees no GPU (is jax[cuda] installed?)") from None
-    return jax.devices()
-
-
 def make_mesh(cfg: Config) -> Mesh:
     """A 1-D ("data",) mesh over every process's first run.devices local devices (0 = all)."""
-    devices = _platform_devices(cfg)
+    devices = pick_devices(cfg.run.device)
     n = cfg.run.devices
     by_process: dict[int, list] = {}
     for d in devices:
@@ -107,6 +159,14 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def eval_sharding(mesh: Mesh) -> NamedSharding:
     """(rows, T) evaluation batches."""
     return NamedSharding(mesh, P(DATA_AXIS, None))
+
+
+def replicate(tree, sharding) -> object:
+    """Host arrays -> global arrays with `sharding`; works across processes (every host holds the values)."""
+    def put(a):
+        host = np.asarray(jax.device_get(a))
+        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+    return jax.tree.map(put, tree)
 
 
 def put_batch(x: np.ndarray, sharding: NamedSharding) -> jax.Array:

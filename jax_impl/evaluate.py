@@ -2,9 +2,9 @@
 
 Prints val loss, perplexity and bits per byte on the val split of a shard folder, and HellaSwag
 accuracy (common/hellaswag.py) when a file is given. PATH is a torch or JAX checkpoint or run folder
-(read through parity.convert, so either backend scores the other's runs) or a Hugging Face GPT-2
-folder (config.json + model.safetensors). torch_impl/evaluate.py is the same program in PyTorch; both
-score a checkpoint to the same numbers (tests/test_evaluate.py).
+or a Hugging Face GPT-2 folder (config.json + model.safetensors), read as weights alone
+(common/portable.py), so either backend scores the other's runs. torch_impl/evaluate.py is the same
+program in PyTorch; both score a checkpoint to the same numbers (tests/test_evaluate.py).
 
 Bits per byte = summed nats over the scored target tokens ÷ UTF-8 bytes those targets decode to ÷
 ln 2 (common/bpb.py), so the figure compares across tokenizers.
@@ -20,8 +20,9 @@ import jax
 import numpy as np
 import optax
 
-from common.config import Config, RunConfig
-from common.evaluation import UsageError, run_cli, score
+from common.evaluation import run_cli, score
+from common.portable import read_portable
+from jax_impl import dist
 from jax_impl.model import GPT, from_common
 
 
@@ -57,38 +58,23 @@ def token_losses(model: GPT, params, x: np.ndarray, y: np.ndarray,
     return np.asarray(out.addressable_data(0), dtype=np.float64)[:, :T]
 
 
-def _device(flag: str) -> jax.Device:
-    if flag == "cpu":
-        return jax.devices("cpu")[0]
-    if flag == "cuda":
-        try:
-            return jax.devices("gpu")[0]
-        except RuntimeError:
-            raise UsageError("--device cuda: JAX sees no GPU") from None
-    return jax.devices()[0]
-
-
 def evaluate(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[str, Any]:
-    from jax_impl.train import DTYPES, set_precision
-    from parity.convert import read_portable
-
-    portable, kind = read_portable(args.checkpoint)
-    cfg = portable.config
-    set_precision(Config(run=RunConfig(dtype=args.dtype)))  # after reading: a checkpoint's own dtype may differ
-    device = _device(args.device)
-    compute, param_dtype = DTYPES[args.dtype]
-    model = GPT(cfg.model, dtype=compute, param_dtype=param_dtype)
-    params = jax.device_put(from_common(portable.weights, cfg.model, param_dtype, source=str(args.checkpoint)),
-                            device)
+    portable = read_portable(args.checkpoint)
+    dist.set_precision(args.dtype)  # after reading: a checkpoint's own dtype may differ
+    device = dist.pick_devices(args.device, flag="--device")[0]
+    compute, param_dtype = dist.dtypes(args.dtype)
+    cfg = portable.config.model
+    model = GPT(cfg, dtype=compute, param_dtype=param_dtype)
+    params = jax.device_put(from_common(portable.weights, cfg, param_dtype, source=str(args.checkpoint)), device)
 
     def losses_fn(x: np.ndarray, y: np.ndarray) -> np.ndarray:
         return token_losses(model, params, x, y)
 
-    return score(args, losses_fn, portable, kind, "jax", device.platform, log)
+    return score(args, losses_fn, portable, "jax", device.platform, log)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli("jax", ('fp32', 'bf16', 'fp64'), evaluate, argv)
+    return run_cli("jax", evaluate, argv)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""AdamW with torch's clipping, decay on matrices and embeddings only, and the shared lr table.
+"""AdamW with weight decay on matrices and embeddings only, the lr of common.schedule, and torch's clipping.
 
 The chain is clip (torch's formula, before the update) → optax.adamw. optax's adamw computes
 lr · (m̂ / (√v̂ + eps) + wd · θ), which is torch's decoupled p ← p·(1 − lr·wd) − lr·m̂/(√v̂ + eps).
+torch_impl/optim.py builds the same optimizer, in the same order of functions.
 """
 from __future__ import annotations
 
@@ -17,15 +18,39 @@ from common.schedule import lr_table
 from jax_impl.model import flatten, unflatten
 
 
+def decay_mask(params) -> dict:
+    """True where common.names.decays says so (ndim ≥ 2: matrices and embeddings)."""
+    return unflatten({k: decays(k, tuple(v.shape)) for k, v in flatten(params).items()})
+
+
+def build_optimizer(params, cfg: Config, dtype: Any = jnp.float32) -> optax.GradientTransformation:
+    o = cfg.optim
+    return optax.chain(
+        clip_by_global_norm(o.grad_clip),
+        optax.adamw(learning_rate=lr_schedule(o, dtype), b1=o.betas[0], b2=o.betas[1], eps=o.eps, eps_root=0.0,
+                    weight_decay=o.weight_decay, mask=decay_mask(params)),
+    )
+
+
+def lr_schedule(optim: OptimConfig, dtype: Any = jnp.float32):
+    """count -> common.schedule.lr_at(count), read from its table (the last entry serves later steps)."""
+    table = jnp.asarray(lr_table(optim), dtype=dtype)
+
+    def schedule(count):
+        return table[jnp.minimum(count, table.shape[0] - 1)]
+
+    return schedule
+
+
 class ClipState(NamedTuple):
     grad_norm: jax.Array  # global norm of the last gradients, before clipping
 
 
-def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
-    """torch.nn.utils.clip_grad_norm_: g · min(1, max_norm / (‖g‖ + 1e-6)), and remembers ‖g‖.
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """torch.nn.utils.clip_grad_norm_'s rule, g · min(1, max_norm / (‖g‖ + 1e-6)), remembering ‖g‖.
 
-    optax.clip_by_global_norm has no 1e-6 (the last drift between the backends in fp64) and does
-    not report the norm; max_norm 0 only measures.
+    optax.clip_by_global_norm has no 1e-6 (a drift between the backends that fp64 parity shows) and
+    does not report the norm; max_norm 0 only measures.
     """
     def init(params):
         leaves = jax.tree.leaves(params)
@@ -40,30 +65,6 @@ def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
         return updates, ClipState(norm)
 
     return optax.GradientTransformation(init, update)
-
-
-def lr_schedule(optim: OptimConfig, dtype: Any = jnp.float32):
-    """count -> common.schedule.lr_at(count), read from its table (the last entry serves later steps)."""
-    table = jnp.asarray(lr_table(optim), dtype=dtype)
-
-    def schedule(count):
-        return table[jnp.minimum(count, table.shape[0] - 1)]
-
-    return schedule
-
-
-def decay_mask(params) -> dict:
-    """True where common.names.decays says so (ndim ≥ 2: matrices and embeddings)."""
-    return unflatten({k: decays(k, tuple(v.shape)) for k, v in flatten(params).items()})
-
-
-def build_optimizer(params, cfg: Config, dtype: Any = jnp.float32) -> optax.GradientTransformation:
-    o = cfg.optim
-    return optax.chain(
-        clip_by_global_norm_torch(o.grad_clip),
-        optax.adamw(learning_rate=lr_schedule(o, dtype), b1=o.betas[0], b2=o.betas[1], eps=o.eps, eps_root=0.0,
-                    weight_decay=o.weight_decay, mask=decay_mask(params)),
-    )
 
 
 def grad_norm(opt_state) -> jax.Array:

@@ -4,6 +4,7 @@ The training state is a pytree of arrays (step, params, opt_state, rng) plus two
 the `Runtime` it belongs to: the model, optimizer, shardings and jitted functions of one
 (model + optim + dtype, mesh). Runs that differ only in paths or intervals share a Runtime and so
 its compiled programs; states of different configs can be stepped side by side.
+torch_impl/train.py is the same module in PyTorch, in the same order.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ if __name__ == "__main__":  # before torch/jax load: glibc reads GLIBC_TUNABLES 
     from common.launch import ensure_allocator_env
     ensure_allocator_env("jax_impl.train")
 
+import argparse
 import dataclasses
 import sys
 from pathlib import Path
@@ -23,17 +25,19 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from common import loop
 from common.backend import DistInfo
-from common.checkpoints import check_model_matches
-from common.diagnostics import diagnostic_group, summarize_diagnostics
+from common.checkpoints import CheckpointMeta, open_checkpoint
 from common.config import Config, ConfigError, DataConfig, RunConfig
-from common.plan import peak_flops as stated_peak_flops
+from common.diagnostics import summarize_diagnostics
+from common.names import init_weights
+from common.plan import peak_flops
 from jax_impl import checkpoint, dist
-from jax_impl.model import GPT, abstract_params, flatten, from_common, init_params
+from jax_impl.evaluate import token_losses
+from jax_impl.model import GPT, abstract_params, flatten, from_common, to_common
+from jax_impl.ops import attention_for
 from jax_impl.optim import build_optimizer, grad_norm, lr_schedule
-
-# run.dtype -> (compute dtype, parameter/optimizer-state dtype)
-DTYPES = {"fp32": (jnp.float32, jnp.float32), "bf16": (jnp.bfloat16, jnp.float32), "fp64": (jnp.float64, jnp.float64)}
+from jax_impl.sample import generate
 
 
 @flax.struct.dataclass
@@ -47,37 +51,6 @@ class TrainState:
     mesh: Mesh = flax.struct.field(pytree_node=False, default=None)
 
 
-def set_precision(cfg: Config) -> None:
-    """fp16 has no JAX path here (no loss scaler); fp64 needs x64, which is enabled for fp64 runs only."""
-    if cfg.run.dtype == "fp16":
-        raise ConfigError("run.dtype fp16 is torch-only (it needs a GradScaler); use bf16 or fp32 with jax")
-    if cfg.run.dtype not in DTYPES:
-        raise ConfigError(f"run.dtype must be one of {', '.join(DTYPES)} for jax, got '{cfg.run.dtype}'")
-    jax.config.update("jax_enable_x64", cfg.run.dtype == "fp64")
-    # GPUs/TPUs default to TF32 / bf16-pass matmuls for fp32; parity (fp64) runs pin full precision,
-    # as torch_impl.dist does with TF32. CPUs ignore the setting.
-    jax.config.update("jax_default_matmul_precision", "highest" if cfg.run.dtype == "fp64" else None)
-
-
-# Compiled programs are kept here across runs unless JAX_COMPILATION_CACHE_DIR names another folder: a
-# second run of a config starts in well under a second instead of re-compiling (docs/performance.md).
-COMPILATION_CACHE_DIR = Path("~/.cache/gpt2-twin/jax").expanduser()
-
-
-def enable_compilation_cache() -> None:
-    """JAX's persistent compilation cache, on by default (JAX_COMPILATION_CACHE_DIR wins if set)."""
-    if not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", str(COMPILATION_CACHE_DIR))
-
-
-def replicate(tree, sharding) -> Any:
-    """Host arrays -> global arrays with `sharding`; works across processes (every host holds the values)."""
-    def put(a):
-        host = np.asarray(jax.device_get(a))
-        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
-    return jax.tree.map(put, tree)
-
-
 def compiled_part(cfg: Config) -> Config:
     """The fields the jitted functions depend on (model, optimizer, dtype); runs that differ only in
     paths, intervals or seed share one Runtime and its compiled programs."""
@@ -89,8 +62,9 @@ class Runtime:
 
     def __init__(self, cfg: Config, mesh: Mesh):
         self.cfg, self.mesh = cfg, mesh
-        self.dtype, self.param_dtype = DTYPES[cfg.run.dtype]
-        self.model = GPT(cfg.model, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.dtype, self.param_dtype = dist.dtypes(cfg.run.dtype)
+        self.attention = attention_for(mesh.devices.flat[0].platform, self.dtype, cfg.model.dropout)
+        self.model = GPT(cfg.model, dtype=self.dtype, param_dtype=self.param_dtype, attention=self.attention)
         self.replicated = dist.param_sharding(mesh)
         self.batch_sharding, self.eval_sharding = dist.batch_sharding(mesh), dist.eval_sharding(mesh)
         self.lr = lr_schedule(cfg.optim, self.param_dtype)
@@ -102,6 +76,7 @@ class Runtime:
         self.logits = jax.jit(lambda params, x: self.model.apply({"params": params}, x)[..., :cfg.model.vocab_size],
                               out_shardings=self.replicated)
         self.init_opt = jax.jit(self.tx.init, out_shardings=self.replicated)
+        self.tensor_sums = jax.jit(lambda grads, params: jax.tree.map(_tensor_sums, grads, params))
 
     def _loss(self, params, x, y, rng, train: bool):
         # GPT.loss: the row-chunked tied head + cross-entropy (never the full (B·T, V) logits).
@@ -144,52 +119,80 @@ class Runtime:
     def _eval_loss(self, params, x, y):
         return self._loss(params, x, y, None, False)
 
-    def new_state(self, params, seed: int) -> TrainState:
-        params = replicate(params, self.replicated)
-        opt_state = self.init_opt(params)
-        rng = jax.random.PRNGKey(seed)
-        return self.state(0, params, opt_state, rng)
-
     def state(self, step: int, params, opt_state, rng) -> TrainState:
-        return TrainState(step=replicate(jnp.asarray(step, jnp.int32), self.replicated), params=params,
-                          opt_state=opt_state, rng=replicate(rng, self.replicated), cfg=self.cfg, mesh=self.mesh)
-
-    def with_moments(self, state: TrainState, moments: dict[str, Any]) -> TrainState:
-        """`state` with AdamW's m, v and step counters set from common-named arrays (parity.convert)."""
-        m = from_common(moments["m"], self.cfg.model, self.param_dtype, "moments m")
-        v = from_common(moments["v"], self.cfg.model, self.param_dtype, "moments v")
-        step = int(moments["step"])
-        # "count" is both Adam's bias-correction step and the lr schedule's index: both are `step`.
-        # Set on host values and replicated leaf by leaf, so no two leaves share a (donated) buffer.
-        host = optax.tree.set(jax.device_get(state.opt_state), mu=m, nu=v, count=np.int32(step))
-        return self.state(step, state.params, replicate(host, self.replicated), state.rng)
+        return TrainState(step=dist.replicate(jnp.asarray(step, jnp.int32), self.replicated), params=params,
+                          opt_state=opt_state, rng=dist.replicate(rng, self.replicated), cfg=self.cfg, mesh=self.mesh)
 
     def abstract_state(self) -> TrainState:
-        """Shapes, dtypes and shardings of a state, without computing one (for orbax restores)."""
+        """Shapes, dtypes and shardings of a state, without computing one (what orbax restores into)."""
         def spec(a):
             return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self.replicated)
         params = abstract_params(self.cfg.model, self.param_dtype)
         opt_state = jax.eval_shape(self.tx.init, params)
         rng = jax.eval_shape(lambda: jax.random.PRNGKey(0))
         return TrainState(step=spec(jax.ShapeDtypeStruct((), jnp.int32)), params=jax.tree.map(spec, params),
-                          opt_state=jax.tree.map(spec, opt_state), rng=spec(rng))
+                          opt_state=jax.tree.map(spec, opt_state), rng=spec(rng), cfg=self.cfg, mesh=self.mesh)
 
 
-def _numpy(tree) -> dict[str, np.ndarray]:
-    """Common-named fresh numpy copies in the arrays' own dtype (fp64 stays fp64 for parity)."""
-    return {k: np.array(jax.device_get(v), copy=True) for k, v in flatten(tree).items()}
+def _tensor_sums(g, w):
+    """[Σg, Σg², Σw, Σw²] of one parameter, at least in fp32 (common.diagnostics groups them)."""
+    g = g.astype(jnp.promote_types(g.dtype, jnp.float32))
+    w = w.astype(g.dtype)
+    return jnp.stack([g.sum(), jnp.square(g).sum(), w.sum(), jnp.square(w).sum()])
+
+
+def init_state(rt: Runtime, cfg: Config, weights: dict[str, np.ndarray] | None = None,
+               moments: dict[str, Any] | None = None) -> TrainState:
+    """Params + optimizer state + dropout key at step 0, from `weights` or the common GPT-2 init of run.seed
+    (the same arrays as the torch backend's); `moments` restores AdamW's state and step."""
+    source = "initial weights" if weights is not None else "init"
+    params = from_common(init_weights(cfg.model, cfg.run.seed) if weights is None else weights, cfg.model,
+                         rt.param_dtype, source)
+    params = dist.replicate(params, rt.replicated)
+    state = rt.state(0, params, rt.init_opt(params), jax.random.PRNGKey(cfg.run.seed))
+    return set_moments(rt, state, moments) if moments is not None else state
+
+
+def set_moments(rt: Runtime, state: TrainState, moments: dict[str, Any]) -> TrainState:
+    """`state` with AdamW's m, v and step set from common-named arrays (parity.convert moves them between
+    backends)."""
+    m = from_common(moments["m"], rt.cfg.model, rt.param_dtype, "moments m")
+    v = from_common(moments["v"], rt.cfg.model, rt.param_dtype, "moments v")
+    step = int(moments["step"])
+    # "count" is both Adam's bias-correction step and the lr schedule's index: both are `step`.
+    # Set on host values and replicated leaf by leaf, so no two leaves share a (donated) buffer.
+    host = optax.tree.set(jax.device_get(state.opt_state), mu=m, nu=v, count=np.int32(step))
+    return rt.state(step, state.params, dist.replicate(host, rt.replicated), state.rng)
+
+
+def train_step(rt: Runtime, state: TrainState, x: np.ndarray, y: np.ndarray) -> tuple[TrainState, dict[str, Any]]:
+    """One optimizer step over this process's micro-batches x, y of shape (accum, rows, T)."""
+    return rt.train_step(state, dist.put_batch(x.astype(np.int32), rt.batch_sharding),
+                         dist.put_batch(y.astype(np.int32), rt.batch_sharding))
+
+
+def evaluate(rt: Runtime, state: TrainState, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> float:
+    """Mean loss over every process's batches (all pass the same number of batches; none is an error)."""
+    total, n = 0.0, 0
+    for x, y in batches:
+        total = total + rt.eval_loss(state.params, dist.put_batch(x.astype(np.int32), rt.eval_sharding),
+                                     dist.put_batch(y.astype(np.int32), rt.eval_sharding))
+        n += 1
+    if n == 0:
+        raise ValueError("evaluate() got no batches")
+    return float(total) / n
 
 
 class JaxBackend:
+    """common.backend.Backend and ParityHooks over the functions above, with the Runtimes of its mesh."""
     name = "jax"
 
     def __init__(self):
         self.mesh: Mesh | None = None
-        self.cfg: Config | None = None  # the config of the current run (keep_checkpoints, seed)
         self._runtimes: dict[tuple[Config, Mesh], Runtime] = {}
 
-    # --- CLI hooks used by common.loop.main -------------------------------------------------------
-    def add_arguments(self, parser) -> None:
+    # --- command line ---------------------------------------------------------------------------------
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--devices", type=int, default=None, metavar="N",
                             help="data-parallel devices in the mesh (same as --run.devices N); on CPU, "
                                  "N host devices are created before JAX starts")
@@ -202,152 +205,102 @@ class JaxBackend:
             raise ConfigError(f"--devices must be ≥ 0, got {n}")
         return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, devices=n))
 
-    # --- Backend protocol ------------------------------------------------------------------------
+    def compile_label(self, cfg: Config) -> str:
+        return "jit"  # run.compile is torch.compile; JAX's step is compiled by jit whatever the flag says
+
+    # --- training -------------------------------------------------------------------------------------
     def setup(self, cfg: Config) -> DistInfo:
-        set_precision(cfg)
-        enable_compilation_cache()
-        dist.initialize_distributed()
-        self.mesh = dist.make_mesh(cfg)
-        return dist.dist_info(self.mesh)
+        info, self.mesh = dist.setup_distributed(cfg)
+        return info
 
     def teardown(self) -> None:
-        dist.shutdown_distributed()
+        dist.teardown_distributed()
 
     def runtime(self, cfg: Config) -> Runtime:
+        """The Runtime of `cfg` on this backend's mesh (set up on first use)."""
         if self.mesh is None:
             self.setup(cfg)
-        set_precision(cfg)
-        self.cfg = cfg
+        dist.set_x64(cfg.run.dtype)
         key = (compiled_part(cfg), self.mesh)
         if key not in self._runtimes:
             self._runtimes[key] = Runtime(key[0], self.mesh)
         return self._runtimes[key]
 
-    def init_state(self, cfg: Config, dist_info: DistInfo | None = None,
-                   weights: dict[str, np.ndarray] | None = None, moments: dict[str, Any] | None = None) -> TrainState:
-        rt = self.runtime(cfg)
-        if weights is not None:
-            params = from_common(weights, cfg.model, rt.param_dtype)
-        else:
-            params = init_params(cfg.model, cfg.run.seed, rt.param_dtype)
-        state = rt.new_state(params, cfg.run.seed)
-        return rt.with_moments(state, moments) if moments is not None else state
-
     def _rt(self, state: TrainState) -> Runtime:
         """The Runtime that made `state` (x64 switched back on or off if another dtype ran since)."""
-        if jax.config.jax_enable_x64 != (state.cfg.run.dtype == "fp64"):
-            set_precision(state.cfg)
+        dist.set_x64(state.cfg.run.dtype)
         return self._runtimes[(state.cfg, state.mesh)]
 
+    def init_state(self, cfg: Config, dist_info: DistInfo, weights: dict[str, np.ndarray] | None = None,
+                   moments: dict[str, Any] | None = None) -> TrainState:
+        return init_state(self.runtime(cfg), cfg, weights, moments)
+
     def train_step(self, state: TrainState, x: np.ndarray, y: np.ndarray) -> tuple[TrainState, dict[str, Any]]:
-        rt = self._rt(state)
-        return rt.train_step(state, dist.put_batch(x.astype(np.int32), rt.batch_sharding),
-                             dist.put_batch(y.astype(np.int32), rt.batch_sharding))
+        return train_step(self._rt(state), state, x, y)
 
     def evaluate(self, state: TrainState, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> float:
+        return evaluate(self._rt(state), state, batches)
+
+    def token_losses(self, state: TrainState, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         rt = self._rt(state)
-        total, n = 0.0, 0
-        for x, y in batches:
-            total = total + rt.eval_loss(state.params, dist.put_batch(x.astype(np.int32), rt.eval_sharding),
-                                         dist.put_batch(y.astype(np.int32), rt.eval_sharding))
-            n += 1
-        return float(total) / n if n else float("nan")
+        return token_losses(rt.model, state.params, x, y, put=lambda a: dist.replicate(a, rt.replicated))
+
+    def diagnostics(self, state: TrainState, x: np.ndarray, y: np.ndarray) -> dict[str, dict[str, float]]:
+        """The gradient of train_step's batch (same dropout key) from the separately jitted gradient
+        function; nothing is donated or stored, so train_step's numbers are unchanged bit for bit."""
+        rt = self._rt(state)
+        _, dropout_rng = jax.random.split(state.rng)
+        g, _ = rt.grads(state.params, dist.put_batch(x.astype(np.int32), rt.batch_sharding),
+                        dist.put_batch(y.astype(np.int32), rt.batch_sharding), dropout_rng)
+        sums, weights = flatten(rt.tensor_sums(g, state.params)), flatten(state.params)
+        return summarize_diagnostics({name: (weights[name].ndim, weights[name].size,
+                                             np.asarray(s.addressable_data(0), dtype=np.float64).tolist())
+                                      for name, s in sums.items()})
 
     def generate(self, state: TrainState, prompt: list[int], num_samples: int, max_new_tokens: int,
                  temperature: float, top_k: int, seed: int) -> Iterator[np.ndarray]:
-        from jax_impl.sample import generate
-
         rt = self._rt(state)
         return generate(rt.model, state.params, prompt, num_samples, max_new_tokens, temperature, top_k, seed)
 
     def to_common(self, state: TrainState) -> dict[str, np.ndarray]:
-        return _numpy(state.params)
+        return to_common(state.params)
 
-    def save_checkpoint(self, state: TrainState, out_dir: Path, step: int, meta: dict[str, Any],
-                        val_loss: float | None) -> Path:
-        return checkpoint.save_checkpoint(state.params, state.opt_state, state.rng, Path(out_dir), step, meta,
-                                          val_loss, self.cfg.run.keep_checkpoints)
+    def save_checkpoint(self, state: TrainState, out_dir: Path, meta: CheckpointMeta) -> Path:
+        return checkpoint.save_checkpoint(state, out_dir, meta)
 
-    def load_checkpoint(self, path: Path, cfg: Config, dist_info: DistInfo | None = None
-                        ) -> tuple[TrainState, dict[str, Any]]:
-        step_dir = checkpoint.resolve(Path(path))
-        meta = checkpoint.read_meta(step_dir)
-        check_model_matches(step_dir, meta, cfg)
-        rt = self.runtime(cfg)
-        abstract = rt.abstract_state()
-        items = checkpoint.restore(step_dir, {"params": abstract.params, "opt_state": abstract.opt_state,
-                                              "rng": {"key": abstract.rng}})
-        step = int(meta["step"])  # steps completed; save_checkpoint always records it
-        return rt.state(step, items["params"], items["opt_state"], items["rng"]["key"]), meta
+    def load_checkpoint(self, path: Path, cfg: Config, dist_info: DistInfo) -> tuple[TrainState, CheckpointMeta]:
+        folder, meta = open_checkpoint(path, cfg)
+        return checkpoint.load_checkpoint(folder, self.runtime(cfg).abstract_state()), meta
 
-    # --- common.backend.ParityHooks ----------------------------------------------------------------
+    def peak_flops(self, cfg: Config, dist_info: DistInfo) -> tuple[float, str]:
+        flops, source = peak_flops(dist_info.device, cfg.run.dtype, cfg.run.peak_tflops)
+        if dist_info.device == "cpu" and dist_info.local_replicas > 1 and cfg.run.peak_tflops <= 0:
+            # XLA's host devices all share the same cores: each replica gets a share of the machine.
+            return flops / dist_info.local_replicas, f"{source}, shared by {dist_info.local_replicas} host devices"
+        return flops, source
+
+    # --- common.backend.ParityHooks -------------------------------------------------------------------
     def logits(self, state: TrainState, x: np.ndarray) -> np.ndarray:
         rt = self._rt(state)
         return np.array(rt.logits(state.params, dist.put_batch(x.astype(np.int32), rt.eval_sharding)), copy=True)
 
     def grads(self, state: TrainState, x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
-        """The gradient train_step would apply (same dropout key), in the parameter dtype."""
+        """The gradient train_step would clip and apply (same dropout key), in the parameter dtype."""
         rt = self._rt(state)
         _, dropout_rng = jax.random.split(state.rng)
         g, _ = rt.grads(state.params, dist.put_batch(x.astype(np.int32), rt.batch_sharding),
                         dist.put_batch(y.astype(np.int32), rt.batch_sharding), dropout_rng)
-        return _numpy(g)
+        return to_common(g)
 
     def optimizer_moments(self, state: TrainState) -> dict[str, Any]:
-        return {"step": int(state.step), "m": _numpy(optax.tree.get(state.opt_state, "mu")),
-                "v": _numpy(optax.tree.get(state.opt_state, "nu"))}
-
-    # --- evaluation and diagnostics hooks of common/loop.py (mirrored in torch_impl/train.py) ----------
-    def token_losses(self, state: TrainState, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """(B, T) float64 per-token cross-entropy of y given x, eval mode, real vocabulary (HellaSwag)."""
-        from jax_impl.evaluate import token_losses
-
-        rt = self._rt(state)
-        return token_losses(rt.model, state.params, x, y, put=lambda a: replicate(a, rt.replicated))
-
-    def diagnostics(self, state: TrainState, x: np.ndarray, y: np.ndarray) -> dict[str, dict[str, float]]:
-        """Per-group gradient norms and std(grad) / std(weight) for the step about to run on x, y.
-
-        The gradient is that of train_step's batch (same dropout key), from the separately jitted
-        gradient function; nothing is donated or stored, so train_step's numbers are unchanged bit for
-        bit. Ratios are per group, pooled over the group's layers.
-        """
-        rt = self._rt(state)
-        _, dropout_rng = jax.random.split(state.rng)
-        g, _ = rt.grads(state.params, dist.put_batch(x.astype(np.int32), rt.batch_sharding),
-                        dist.put_batch(y.astype(np.int32), rt.batch_sharding), dropout_rng)
-        if getattr(self, "_moments", None) is None:  # one jitted program, not an eager op per tensor
-            def tensor_moments(gv, wv):
-                gv, wv = gv.astype(jnp.promote_types(gv.dtype, jnp.float32)), wv.astype(gv.dtype)
-                return jnp.stack([gv.sum(), jnp.square(gv).sum(), wv.sum(), jnp.square(wv).sum()])
-            self._moments = jax.jit(lambda grads, params: jax.tree.map(tensor_moments, grads, params))
-        moments = flatten(self._moments(g, state.params))
-        weights = flatten(state.params)
-        sums: dict[str, list[float]] = {}
-        for name, m in moments.items():
-            entry = sums.setdefault(diagnostic_group(name), [weights[name].ndim, 0, 0.0, 0.0, 0.0, 0.0])
-            entry[1] += weights[name].size
-            values = np.asarray(m.addressable_data(0), dtype=np.float64).tolist()
-            entry[2:] = [a + b for a, b in zip(entry[2:], values)]
-        return summarize_diagnostics(sums)
-
-    def latest_checkpoint(self, out_dir: Path) -> Path | None:
-        return checkpoint.latest_checkpoint(Path(out_dir))
-
-    def peak_flops(self, cfg: Config, dist_info: DistInfo) -> tuple[float, str]:
-        flops, source = stated_peak_flops(dist_info.device, cfg.run.dtype, cfg.run.peak_tflops)
-        if dist_info.device == "cpu" and dist_info.local_replicas > 1 and cfg.run.peak_tflops <= 0:
-            # XLA's host devices all share the same cores: each replica gets a share of the machine.
-            return flops / dist_info.local_replicas, f"{source}, shared by {dist_info.local_replicas} host devices"
-        return flops, source
+        return {"step": int(state.step), "m": to_common(optax.tree.get(state.opt_state, "mu")),
+                "v": to_common(optax.tree.get(state.opt_state, "nu"))}
 
 
 BACKEND = JaxBackend()
 
 
 def main(argv: list[str] | None = None) -> int:
-    from common import loop
-
     return loop.main(BACKEND, argv)
 
 

@@ -1,7 +1,7 @@
 """`python -m parity.check`: train PyTorch and JAX from one init on the same batches, compare every step.
 
-One initialization (torch's, moved to JAX through the same common-weights conversion users get),
-the same batches from the shared loader, the same config. Per step: loss (abs diff), pre-clip grad
+One initialization (common.names.init_weights: both backends draw the same arrays from the seed), the
+same batches from the shared loader, the same config. Per step: loss (abs diff), pre-clip grad
 norm (relative diff) and lr; at step 0 the logits and every tensor's gradient; at the end every
 parameter (relative to how far it moved) and AdamW's moments. Tolerances are in `TOLERANCES`, chosen
 from the measured aligned envelope (docs/parity.md). Exit 0 when all agree, 1 otherwise, naming the
@@ -16,115 +16,19 @@ if __name__ == "__main__":  # before torch/jax load: glibc reads GLIBC_TUNABLES 
 import argparse
 import dataclasses
 import json
-import math
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+from common.cli import INPUT_ERRORS
 from common.config import ConfigError, apply_overrides, load_toml, resolve_config_path, validate
 from common.data import DataLoader
-from common.loop import INPUT_ERRORS, ensure_data
-
-
-@dataclass(frozen=True)
-class Tolerances:
-    logits: float  # step-0 logits, max abs
-    loss: float  # per-step loss, abs
-    grad_norm: float  # per-step pre-clip global grad norm, relative
-    grads: float  # per-tensor gradient at step 0 (and at a divergence), relative L2
-    params: float  # ‖θ_torch − θ_jax‖ / ‖θ_torch − θ_0‖ over all parameters at the end
-    moments: float  # AdamW m and v at the end, relative L2 over all parameters
-
-
-# About 10× the envelope measured with every op aligned (docs/parity.md, ../shared/parity-notes.md),
-# so each single misalignment listed there fails at least one of these.
-TOLERANCES = {
-    "fp32": Tolerances(logits=1e-5, loss=2e-5, grad_norm=1e-4, grads=1e-5, params=1e-4, moments=5e-6),
-    "fp64": Tolerances(logits=1e-10, loss=1e-10, grad_norm=1e-10, grads=1e-10, params=1e-10, moments=1e-10),
-    "bf16": Tolerances(logits=5e-2, loss=5e-3, grad_norm=1e-1, grads=2e-1, params=1e-2, moments=1e-2),
-}
-
-
-def rel_l2(a: np.ndarray, b: np.ndarray, ref: np.ndarray | None = None) -> float:
-    """‖a − b‖ / ‖ref‖ (ref defaults to a), in float64; 0 when both are zero."""
-    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    num = float(np.linalg.norm(a64 - b64))
-    den = float(np.linalg.norm(np.asarray(a if ref is None else ref, np.float64)))
-    return 0.0 if num == 0.0 else (num / den if den > 0 else math.inf)
-
-
-def tensor_diffs(a: dict[str, np.ndarray], b: dict[str, np.ndarray],
-                 ref: dict[str, np.ndarray] | None = None) -> dict[str, float]:
-    return {k: rel_l2(a[k], b[k], None if ref is None else ref[k]) for k in a}
-
-
-def max_abs(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, float]:
-    return {k: float(np.max(np.abs(np.asarray(a[k], np.float64) - np.asarray(b[k], np.float64)))) for k in a}
-
-
-def global_rel(a: dict[str, np.ndarray], b: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> float:
-    """‖a − b‖ / ‖ref‖ over all tensors at once: one number that per-tensor noise cannot dominate.
-
-    Per tensor, a gradient that is zero in exact arithmetic (the attention key bias) is rounding
-    noise that Adam scales up to lr-sized steps, so its relative difference is large and legitimate.
-    """
-    num = sum(float(np.sum((np.asarray(a[k], np.float64) - np.asarray(b[k], np.float64)) ** 2)) for k in a)
-    den = sum(float(np.sum(np.asarray(ref[k], np.float64) ** 2)) for k in a)
-    return 0.0 if num == 0 else (math.sqrt(num / den) if den > 0 else math.inf)
-
-
-def worst(diffs: dict[str, float], n: int = 5) -> list[tuple[str, float]]:
-    return sorted(diffs.items(), key=lambda kv: -kv[1])[:n]
-
-
-def load_backends():
-    from jax_impl.train import BACKEND as jax_backend
-    from torch_impl.train import BACKEND as torch_backend
-    return torch_backend, jax_backend
-
-
-@dataclass
-class Pair:
-    """Both backends' states at the same step, started from the same weights."""
-    tb: Any
-    jb: Any
-    ts: Any
-    js: Any
-    init: dict[str, np.ndarray]
-
-
-def pin_full_precision() -> None:
-    """GPUs default to TF32 (and JAX on TPU to one-pass bf16) matmuls for fp32; parity compares full
-    precision on both sides (CPUs ignore these settings)."""
-    import jax
-    import torch
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.set_float32_matmul_precision("highest")
-    jax.config.update("jax_default_matmul_precision", "highest")
-
-
-def start_pair(cfg, backends=None) -> Pair:
-    tb, jb = backends or load_backends()
-    tdist, jdist = tb.setup(cfg), jb.setup(cfg)
-    pin_full_precision()  # after setup, which sets the trainers' own (fast) defaults
-    ts = tb.init_state(cfg, tdist)
-    init = {k: np.array(v, copy=True) for k, v in tb.to_common(ts).items()}
-    # A copy, never a view: torch's in-place AdamW would otherwise move JAX's weights too on CPU.
-    js = jb.init_state(cfg, jdist, weights={k: np.array(v, copy=True) for k, v in init.items()})
-    moved = tensor_diffs(init, jb.to_common(js))
-    bad = [k for k, d in moved.items() if d != 0.0]
-    if bad:
-        raise AssertionError(f"conversion torch → JAX is not exact for {bad[:3]}")
-    return Pair(tb, jb, ts, js, init)
-
-
-def make_loader(cfg) -> DataLoader:
-    return DataLoader(cfg.data.dir, batch_size=cfg.optim.micro_batch_size, block_size=cfg.model.block_size,
-                      total_batch_size=cfg.optim.total_batch_size, seed=cfg.run.seed, vocab_size=cfg.model.vocab_size)
+from common.loop import ensure_data
+from parity.compare import (TOLERANCES, Pair, Tolerances, global_rel, load_backends, make_loader, max_abs,
+                            start_pair, tensor_diffs, worst)
+from parity.suite import run_suite
 
 
 def replay(cfg, steps: int, backends=None) -> tuple[Pair, DataLoader]:
@@ -148,6 +52,7 @@ def divergence_detail(cfg, step: int, backends=None) -> dict[str, Any]:
 
 def run_check(cfg, steps: int, tol: Tolerances, log: Callable[[str], None] = print,
               backends=None) -> dict[str, Any]:
+    backends = backends or load_backends()
     pair, loader = start_pair(cfg, backends), make_loader(cfg)
     failures: list[dict[str, Any]] = []
 
@@ -268,7 +173,6 @@ def main(argv: list[str] | None = None) -> int:
         report = run_check(cfg, args.steps, TOLERANCES[args.dtype])
         print_verdict(report)
         if args.suite:
-            from parity.suite import run_suite
             report["suite"] = run_suite(cfg, TOLERANCES[args.dtype])
             report["passed"] = report["passed"] and all(c["passed"] for c in report["suite"])
         if args.json:

@@ -14,13 +14,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench import workers
+
 FRAMEWORKS = ("torch", "jax")
 DTYPES = ("fp32", "bf16")
 DEFAULT_SIZES = (1024, 2048)
@@ -107,17 +107,9 @@ def probe_child(framework: str, sizes: Sequence[int], budget_s: float) -> dict[s
 
 def run_child(framework: str, sizes: Sequence[int], budget_s: float, pin: str | None,
               env: dict[str, str] | None = None) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "parity.probe", "--child", framework, "--sizes", ",".join(map(str, sizes)),
-           "--budget", str(budget_s)]
-    if pin is not None:
-        cmd = ["taskset", "-c", pin] + cmd
-    child_env = dict(os.environ if env is None else env)
-    child_env["PYTHONPATH"] = str(ROOT) + os.pathsep + child_env.get("PYTHONPATH", "")
-    proc = subprocess.run(cmd, cwd=ROOT, env=child_env, capture_output=True, text=True, timeout=600)
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"probe child {framework} failed (exit {proc.returncode}): {proc.stderr.strip()[-1500:]}")
-    return json.loads(lines[-1])
+    cmd = workers.module_command("parity.probe", ["--child", framework, "--sizes", ",".join(map(str, sizes)),
+                                                  "--budget", budget_s], pin)
+    return workers.run(cmd, base_env=env, timeout=600).answer(f"probe child {framework}")
 
 
 def peaks(results: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str, str]]:
@@ -134,7 +126,7 @@ def peaks(results: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str, st
 def measure_peaks(seconds_budget: float = 4.0, sizes: Sequence[int] = DEFAULT_SIZES, pin: str | None = None,
                   frameworks: Sequence[str] = FRAMEWORKS, env: dict[str, str] | None = None) -> dict[str, Any]:
     """GEMM peaks of this machine now. `seconds_budget` is the timed part, shared by the frameworks;
-    their imports and warm-up calls come on top (about 2-4 s each)."""
+    their imports and warm-up calls come on top."""
     per_framework = seconds_budget / max(len(frameworks), 1)
     children = [run_child(f, sizes, per_framework, pin, env) for f in frameworks]  # one after the other
     results = [r for c in children for r in c["results"]]
@@ -192,7 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         sizes = parse_sizes(args.sizes)
         if args.child:
-            print(json.dumps(probe_child(args.child, sizes, args.budget)), flush=True)
+            channel = workers.answer_channel()
+            workers.reply(channel, probe_child(args.child, sizes, args.budget))
             return 0
         if args.budget <= 0:
             raise ProbeError("--budget must be > 0")

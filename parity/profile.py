@@ -22,7 +22,6 @@ import glob
 import json
 import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,11 +29,14 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from bench import workers
+from bench.pairwise import bench_config, parse_backends
+from bench.trainee import BACKENDS
+from common.backend import load_backend
+from common.benchtiming import SHAPES
 from common.config import Config, ConfigError, dump_toml, load_toml
 from common.loop import INPUT_ERRORS, ensure_data
 
-ROOT = Path(__file__).resolve().parent.parent
-BACKENDS = ("torch", "jax")
 DEFAULT_STEPS = 2
 DEFAULT_WARMUP = 2
 # HLO ops that only move or name data inside a fusion; the rest say what the fusion computes.
@@ -50,19 +52,18 @@ WRAPPER = re.compile(r"^(?:jvp|transpose|jit|pjit|vmap|remat|checkpoint|custom_j
 def child_state(name: str, cfg: Config, warmup: int, steps: int) -> tuple[Any, Any, list[tuple[Any, Any]]]:
     """The backend, its state after the first step and `warmup` more, and the batches to profile."""
     from common.data import DataLoader
-    from parity.convert import get_backend
 
-    backend = get_backend(name)
-    dist = backend.setup(cfg)
+    b = load_backend(name)
+    dist = b.setup(cfg)
     loader = DataLoader(cfg.data.dir, cfg.optim.micro_batch_size, cfg.model.block_size, cfg.optim.total_batch_size,
                         seed=cfg.run.seed, vocab_size=cfg.model.vocab_size)
-    state = backend.init_state(cfg, dist)
+    state = b.init_state(cfg, dist)
     for _ in range(1 + warmup):  # the first step compiles (JAX) or builds kernels (torch): never profiled
-        state, m = backend.train_step(state, *loader.next_step())
+        state, m = b.train_step(state, *loader.next_step())
         float(m["loss"])
     # Batches read before profiling, so the tables hold the step's own ops only (the loader's share of a
     # step is in parity.bench --suite).
-    return backend, state, [loader.next_step() for _ in range(steps)]
+    return b, state, [loader.next_step() for _ in range(steps)]
 
 
 def run_steps(backend: Any, state: Any, batches: list[tuple[Any, Any]]) -> tuple[Any, float]:
@@ -256,12 +257,11 @@ def jax_profile(cfg: Config, warmup: int, steps: int) -> dict[str, Any]:
 
 
 def child(name: str, cfg_path: Path, warmup: int, steps: int) -> None:
-    out = sys.stdout
-    sys.stdout = sys.stderr  # keep the answer channel clean of library prints
+    channel = workers.answer_channel()
     cfg = load_toml(cfg_path)
     result = (torch_profile if name == "torch" else jax_profile)(cfg, warmup, steps)
     result["ops"].sort(key=lambda o: -o["ms_per_step"])
-    print(json.dumps({"backend": name, "steps": steps, "warmup": warmup, **result}), file=out, flush=True)
+    workers.reply(channel, {"backend": name, "steps": steps, "warmup": warmup, **result})
 
 
 # ------------------------------------------------------------------------------------------- parent
@@ -273,16 +273,10 @@ def profile_config(cfg: Config, backends: Sequence[str] = BACKENDS, steps: int =
     with tempfile.TemporaryDirectory(prefix="parity-profile-") as tmp:
         cfg_path = Path(tmp) / "config.toml"
         cfg_path.write_text(dump_toml(cfg))
-        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                   **(extra_env or {}))
         for name in backends:
-            cmd = [sys.executable, "-m", "parity.profile", "--child", name, "--config", str(cfg_path),
-                   "--steps", str(steps), "--warmup", str(warmup)]
-            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-            lines = proc.stdout.strip().splitlines()
-            if proc.returncode != 0 or not lines:
-                raise RuntimeError(f"{name} profile failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
-            results[name] = json.loads(lines[-1])
+            cmd = workers.module_command("parity.profile", ["--child", name, "--config", cfg_path, "--steps", steps,
+                                                            "--warmup", warmup])
+            results[name] = workers.run(cmd, extra_env).answer(f"{name} profile")
     return results
 
 
@@ -312,12 +306,10 @@ def format_profiles(results: dict[str, dict[str, Any]], title: str, top: int = 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from parity.bench import SHAPES, allocator_env, bench_config, parse_backends
-
     p = argparse.ArgumentParser(prog="python -m parity.profile", description=__doc__.splitlines()[0],
                                 epilog="Config fields can be overridden on top of the shape: --model.n_layer 2 ...")
     p.add_argument("--config", default="default", help="preset or TOML path (default: configs/default.toml)")
-    p.add_argument("--shape", choices=sorted(SHAPES), default="tiny", help="a parity.bench shape (default tiny)")
+    p.add_argument("--shape", choices=tuple(SHAPES), default="tiny", help="a named shape (default tiny)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="compute dtype (default: the config's)")
     p.add_argument("--backends", default="torch,jax", help="comma-separated subset of torch,jax")
     p.add_argument("--top", type=int, default=12, help="ops per table")
@@ -333,10 +325,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         backends = parse_backends(args.backends)
         if args.top < 1 or args.steps < 1 or args.warmup < 0:
             raise ConfigError("--top and --steps must be ≥ 1, --warmup ≥ 0")
-        cfg = bench_config(args.config, SHAPES[args.shape], overrides, args.dtype, False,
+        cfg = bench_config(args.config, args.shape, overrides, args.dtype, False,
                            1 + args.warmup + args.steps)
         ensure_data(cfg, lambda msg: print(msg, file=sys.stderr))
-        extra_env, env_note = allocator_env(os.environ)
+        extra_env, env_note = workers.allocator_env(os.environ)
         results = profile_config(cfg, backends, args.steps, args.warmup, extra_env)
         m = cfg.model
         title = (f"{args.shape} L{m.n_layer} H{m.n_head} C{m.n_embd} T{m.block_size} B{cfg.optim.micro_batch_size} "

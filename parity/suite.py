@@ -9,8 +9,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -18,12 +16,12 @@ from typing import Any
 
 import numpy as np
 
+from bench import workers
+from common.checkpoints import CheckpointMeta
 from common.config import Config, dump_toml
-from parity.check import Tolerances, make_loader, start_pair, tensor_diffs
-from parity.convert import read_portable, write_portable
-
-ROOT = Path(__file__).resolve().parent.parent
-
+from common.portable import read_portable
+from parity.compare import Tolerances, make_loader, start_pair, tensor_diffs
+from parity.convert import write_portable
 
 def _result(name: str, passed: bool, detail: str, **extra: Any) -> dict[str, Any]:
     print(f"[{'PASS' if passed else 'FAIL'}] {name}: {detail}")
@@ -54,11 +52,8 @@ def _train_cli(module: str, cfg: Config, out: Path, launcher: list[str], extra: 
     run = dataclasses.replace(cfg.run, out_dir=str(out / "run"), checkpoint_interval=cfg.optim.max_steps,
                               eval_interval=0, sample_interval=0, num_samples=0)
     cfg_path.write_text(dump_toml(dataclasses.replace(cfg, run=run)))
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = launcher + ["-m", module, "--config", str(cfg_path)] + extra
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    cmd = workers.module_command(module, ["--config", cfg_path, *extra], launcher=launcher)
+    workers.run(cmd, timeout=900).check(" ".join(cmd))
 
 
 def check_replicas(cfg: Config, tol: Tolerances, steps: int = 3) -> dict[str, Any]:
@@ -83,7 +78,7 @@ def check_replicas(cfg: Config, tol: Tolerances, steps: int = 3) -> dict[str, An
             for label, (module, c, launcher, extra) in zip(("1", "2"), (one, pair)):
                 out = Path(tmp) / f"{name}-{label}"
                 _train_cli(module, c, out, launcher, extra)
-                weights.append(read_portable(out / "run")[0].weights)
+                weights.append(read_portable(out / "run").weights)
             d = max(tensor_diffs(weights[0], weights[1]).values())
             lines.append(f"{name} {d:.1e}")
             ok = ok and d <= tol.params
@@ -97,12 +92,13 @@ def check_round_trip(cfg: Config, steps: int = 2) -> dict[str, Any]:
     for _ in range(steps):  # so that AdamW's moments and step are not trivially zero
         pair.ts, _ = pair.tb.train_step(pair.ts, *loader.next_step())
     weights, moments = pair.tb.to_common(pair.ts), pair.tb.optimizer_moments(pair.ts)
-    meta = {"step": steps, "backend": "torch", "config": cfg.to_dict(), "loader": loader.state_dict(), "history": []}
+    meta = CheckpointMeta(step=steps, backend="torch", config=cfg.to_dict(), loader=loader.state_dict())
     problems = []
     with tempfile.TemporaryDirectory(prefix="parity-convert-") as tmp:
-        src = pair.tb.save_checkpoint(pair.ts, Path(tmp) / "torch", steps, meta, None)
-        jax_ckpt = write_portable(read_portable(src)[0], Path(tmp) / "jax", "jax")
-        back = read_portable(write_portable(read_portable(jax_ckpt)[0], Path(tmp) / "torch2", "torch"))[0]
+        src = pair.tb.save_checkpoint(pair.ts, Path(tmp) / "torch", meta)
+        jax_ckpt = write_portable(read_portable(src, moments=True), Path(tmp) / "jax", "jax")
+        back = read_portable(write_portable(read_portable(jax_ckpt, moments=True), Path(tmp) / "torch2", "torch"),
+                             moments=True)
         for k in weights:
             if not np.array_equal(weights[k], back.weights[k]):
                 problems.append(f"weight {k}")
@@ -112,7 +108,7 @@ def check_round_trip(cfg: Config, steps: int = 2) -> dict[str, Any]:
                     problems.append(f"AdamW {kind} {k}")
         if back.step != steps or back.moments["step"] != moments["step"]:
             problems.append(f"step {back.step}/{back.moments['step']} ≠ {steps}")
-        hf = read_portable(write_portable(read_portable(src)[0], Path(tmp) / "hf", "hf"))[0]
+        hf = read_portable(write_portable(read_portable(src), Path(tmp) / "hf", "hf"))
         vocab = cfg.model.vocab_size  # HF holds the real vocabulary only; padded rows are dropped
         for k in weights:
             if not np.array_equal(weights[k][:vocab], hf.weights[k][:vocab]):

@@ -1,4 +1,4 @@
-"""`python -m parity.sweep --backend torch|jax [--config default] [--dtype D] [--max-batch 256] [--steps 3]`.
+"""`python -m parity.sweep --backend torch|jax [--config C] [--shape S] [--dtype D] [--max-batch 256] [--steps 3]`.
 
 Finds the largest micro-batch that fits before a long run: doubles it from 1, timing `--steps`
 optimizer steps (after two warm-up steps) at each size with accumulation 1, and prints
@@ -13,25 +13,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, TextIO
 
-import numpy as np
-
+from bench import workers
+from bench.trainee import BACKENDS
+from common.backend import load_backend
+from common.benchtiming import DEFAULT_SHAPE, SHAPES, random_tokens, shaped_config
 from common.cli import Parser, UsageError
-from common.config import (Config, ConfigError, apply_overrides, dump_toml, load_toml, resolve_config_path,
-                           validate)
+from common.config import Config, ConfigError, dump_toml, load_toml, validate
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULT_TAG = "SWEEP-RESULT "  # marks the child's one result line among library warnings on stdout
 EXIT_OOM, EXIT_GUARD = 3, 4
 WARMUP_STEPS = 2  # compilation, and torch's allocator settling: the first two steps are not timed
 GIB = 2 ** 30
@@ -51,11 +48,7 @@ def is_oom(e: BaseException) -> bool:
     return "out of memory" in text.lower() or "RESOURCE_EXHAUSTED" in text or type(e).__name__ == "OutOfMemoryError"
 
 
-def _emit(result: dict[str, Any]) -> None:
-    print(RESULT_TAG + json.dumps(result), flush=True)
-
-
-def _guard_rss(limit_bytes: int) -> None:
+def _guard_rss(channel: TextIO, limit_bytes: int) -> None:
     """Stop this process the moment its resident memory crosses the guard (before the machine swaps)."""
     import psutil
 
@@ -65,7 +58,7 @@ def _guard_rss(limit_bytes: int) -> None:
         while True:
             rss = proc.memory_info().rss
             if rss > limit_bytes:
-                _emit({"status": "guard", "rss_bytes": rss})
+                workers.reply(channel, {"status": "guard", "rss_bytes": rss})
                 os._exit(EXIT_GUARD)
             time.sleep(0.02)
 
@@ -91,19 +84,17 @@ def _peak_memory(backend_name: str, device: str) -> tuple[int, str]:
 
 def measure(backend_name: str, cfg: Config, micro_batch: int, steps: int) -> dict[str, Any]:
     """Time `steps` optimizer steps of micro-batch `micro_batch` (after the warm-up steps), in this process."""
-    from parity.convert import get_backend
-
-    backend = get_backend(backend_name)
-    dist = backend.setup(cfg)
+    b = load_backend(backend_name)
+    dist = b.setup(cfg)
     cfg = with_micro_batch(cfg, micro_batch, dist.data_parallel_size)
-    state = backend.init_state(cfg, dist)
-    rows, T = micro_batch * dist.local_replicas, cfg.model.block_size
-    tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (1, rows, T + 1)).astype(np.int32)
+    state = b.init_state(cfg, dist)
+    T = cfg.model.block_size
+    tokens = random_tokens(cfg, 1, micro_batch * dist.local_replicas)
     x, y = tokens[..., :-1], tokens[..., 1:]
     times = []
     for _ in range(WARMUP_STEPS + steps):
         t0 = time.perf_counter()
-        state, metrics = backend.train_step(state, x, y)
+        state, metrics = b.train_step(state, x, y)
         float(metrics["loss"])  # wait for the device: JAX and CUDA return before the work is done
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times[WARMUP_STEPS:])
@@ -114,31 +105,30 @@ def measure(backend_name: str, cfg: Config, micro_batch: int, steps: int) -> dic
 
 
 def child_main(args: argparse.Namespace) -> int:
-    _guard_rss(int(args.max_rss_gb * GIB))
+    channel = workers.answer_channel()
+    _guard_rss(channel, int(args.max_rss_gb * GIB))
     cfg = load_toml(Path(args.config))
     try:
-        _emit(measure(args.backend, cfg, args.child, args.steps))
+        workers.reply(channel, measure(args.backend, cfg, args.child, args.steps))
         return 0
     except Exception as e:  # an OOM ends this try only; anything else is a real error for the parent to show
         if is_oom(e):
-            _emit({"status": "oom", "error": str(e).strip().splitlines()[0][:300] if str(e).strip() else
-                   type(e).__name__})
+            workers.reply(channel, {"status": "oom", "error": str(e).strip().splitlines()[0][:300] if str(e).strip()
+                                    else type(e).__name__})
             return EXIT_OOM
         raise
 
 
 def run_child(backend: str, config_path: Path, micro_batch: int, steps: int, max_rss_gb: float) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "parity.sweep", "--backend", backend, "--config", str(config_path),
-           "--steps", str(steps), "--max-rss-gb", str(max_rss_gb), "--child", str(micro_batch)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    results = [json.loads(line[len(RESULT_TAG):]) for line in proc.stdout.splitlines() if line.startswith(RESULT_TAG)]
-    if results:
-        return results[-1]
-    if proc.returncode < 0:  # killed by a signal: the kernel's OOM killer sends SIGKILL
-        return {"status": "killed", "error": f"killed by signal {-proc.returncode} (out of memory?)"}
-    last = [line for line in proc.stderr.splitlines() if line.strip()]
-    return {"status": "error", "error": last[-1] if last else f"exit code {proc.returncode}"}
+    done = workers.run(workers.module_command("parity.sweep", [
+        "--backend", backend, "--config", config_path, "--steps", steps, "--max-rss-gb", max_rss_gb,
+        "--child", micro_batch]))
+    if done.answers:
+        return done.answers[-1]
+    if done.returncode < 0:  # killed by a signal: the kernel's OOM killer sends SIGKILL
+        return {"status": "killed", "error": f"killed by signal {-done.returncode} (out of memory?)"}
+    last = [line for line in done.stderr.splitlines() if line.strip()]
+    return {"status": "error", "error": last[-1] if last else f"exit code {done.returncode}"}
 
 
 def predict_peak(rows: list[dict[str, Any]], micro_batch: int) -> float | None:
@@ -152,8 +142,10 @@ def predict_peak(rows: list[dict[str, Any]], micro_batch: int) -> float | None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m parity.sweep", description=__doc__.split("\n")[0])
-    p.add_argument("--backend", required=True, choices=("torch", "jax"))
+    p.add_argument("--backend", required=True, choices=BACKENDS)
     p.add_argument("--config", default="default", help="preset name in configs/ or a TOML path")
+    p.add_argument("--shape", choices=tuple(SHAPES), default=DEFAULT_SHAPE,
+                   help="a named model shape over the config (the micro-batch is what the sweep varies)")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16", "fp64"), default=None,
                    help="run.dtype for the sweep (default: the config's)")
     p.add_argument("--max-batch", type=int, default=256, help="largest micro-batch to try")
@@ -217,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise UsageError(f"{flag} must be ≥ 1, got {value}")
         if args.max_rss_gb is not None and args.max_rss_gb <= 0:
             raise UsageError(f"--max-rss-gb must be positive, got {args.max_rss_gb}")
-        cfg = apply_overrides(load_toml(resolve_config_path(args.config)), rest)
+        cfg = shaped_config(args.config, args.shape, overrides=rest)
         if args.dtype:
             cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dtype=args.dtype))
         if args.backend == "jax" and cfg.run.dtype == "fp16":

@@ -42,7 +42,7 @@ def tiny_config(data_dir: Path, out_dir: Path | str = "unused", **optim) -> Conf
                   optim=dataclasses.replace(base, **optim),
                   data=DataConfig(dir=str(data_dir), val_tokens=256),
                   run=RunConfig(out_dir=str(out_dir), num_samples=0, eval_interval=0, checkpoint_interval=0,
-                                devices=1, progress=False))
+                                devices=1))
 
 
 def twenty_step_config(data_dir: Path, out_dir: Path) -> Config:
@@ -63,8 +63,8 @@ def with_run(cfg: Config, **kw) -> Config:
 
 @pytest.fixture(scope="module")
 def one_torch_thread():
-    """Tiny models run faster on one thread, and two OpenMP threads stall when the VM's vCPUs are time-sliced
-    (../shared/perf-notes.md); the setting is restored for the next module. A module asks for it with
+    """Tiny models run faster on one thread, and two OpenMP threads stall when the VM's vCPUs are time-sliced;
+    the setting is restored for the next module. A module asks for it with
     `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -14,13 +14,15 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import Callable
 
 import numpy as np
 import pytest
 
+from common.checkpoints import CheckpointMeta, complete_checkpoints, latest_checkpoint
+from common.config import Config
 from common.loop import NonFiniteError, train
+from common.portable import read_portable
 from common.records import read_records
 from conftest import TINY_VOCAB, twenty_step_config, with_run
 
@@ -41,6 +43,11 @@ def quiet(*args, **kwargs) -> None:
 def backend_of(name: str):
     """The BACKEND of torch_impl or jax_impl, imported only when a test asks for it."""
     return importlib.import_module(f"{name}_impl.train").BACKEND
+
+
+def meta(backend, cfg: Config, step: int, val_loss: float | None = None) -> CheckpointMeta:
+    """What the loop records with checkpoint `step` of `cfg`, minus loader state and history."""
+    return CheckpointMeta(step=step, backend=backend.name, config=cfg.to_dict(), val_loss=val_loss)
 
 
 def batch(accum: int, rows: int, T: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -75,7 +82,7 @@ def run_python(args: list[str], env: dict | None = None, timeout: float = 300, *
     return done
 
 
-def assert_same_three_steps(backend, ckpt: ModuleType, a: Path, b: Path) -> None:
+def assert_same_three_steps(a: Path, b: Path) -> None:
     """Two 3-step runs in folders a and b logged the same losses, grad norms and val loss, and saved the same
     weights, to 1e-5 (a reduction over more devices or ranks sums in another order)."""
     ra, rb = read_records(a / "metrics.jsonl"), read_records(b / "metrics.jsonl")
@@ -83,16 +90,15 @@ def assert_same_three_steps(backend, ckpt: ModuleType, a: Path, b: Path) -> None
     for x, y in zip(ra, rb):
         assert abs(x["loss"] - y["loss"]) < 1e-5 and abs(x["grad_norm"] - y["grad_norm"]) < 1e-5 * y["grad_norm"]
     assert abs(ra[-1]["val_loss"] - rb[-1]["val_loss"]) < 1e-5
-    wa = ckpt.read_common_weights(backend.latest_checkpoint(a))
-    wb = ckpt.read_common_weights(backend.latest_checkpoint(b))
+    wa, wb = read_portable(a).weights, read_portable(b).weights
     for k in wa:
         np.testing.assert_allclose(wa[k], wb[k], atol=1e-5, rtol=0, err_msg=k)
 
 
-def check_exact_resume(backend, ckpt: ModuleType, data_dir: Path, out: Path, same_weights: Callable) -> None:
+def check_exact_resume(backend, data_dir: Path, out: Path, same_weights: Callable) -> None:
     """A 20-step run, and one resumed from its step-10 checkpoint in another folder, end bit-identical."""
     straight = train(backend, twenty_step_config(data_dir, out / "a"), log=quiet)
-    assert [c.name for c in ckpt.complete_checkpoints(out / "a")] == ["step_00000010", "step_00000020"]
+    assert [c.name for c in complete_checkpoints(out / "a")] == ["step_00000010", "step_00000020"]
     # Stopping after step 10 leaves exactly what this run saved at step 10: resume from a copy of it.
     (out / "b" / "checkpoints").mkdir(parents=True)
     os.rename(out / "a" / "checkpoints" / "step_00000010", out / "b" / "checkpoints" / "step_00000010")
@@ -102,18 +108,18 @@ def check_exact_resume(backend, ckpt: ModuleType, data_dir: Path, out: Path, sam
     assert resumed.records[-1]["val_loss"] == straight.records[-1]["val_loss"]
     assert same_weights(straight.state, resumed.state)
     assert straight.records[-1]["loss"] < straight.records[0]["loss"] - 0.5  # it learned something
-    meta = json.loads((out / "b" / "checkpoints" / "step_00000020" / "meta.json").read_text())
-    assert meta["step"] == 20 and meta["val_loss"] == straight.records[-1]["val_loss"]
+    saved = json.loads((out / "b" / "checkpoints" / "step_00000020" / "meta.json").read_text())
+    assert saved["step"] == 20 and saved["val_loss"] == straight.records[-1]["val_loss"]
     assert [r["step"] for r in read_records(out / "b" / "metrics.jsonl")] == list(range(10, 20))
 
 
-def check_retention(backend, ckpt: ModuleType, out: Path) -> None:
+def check_retention(backend, out: Path) -> None:
     """With keep_checkpoints=2, five saves leave the newest two and the best-val one."""
     cfg = with_run(twenty_step_config(out, out), keep_checkpoints=2)
     state = backend.init_state(cfg, backend.setup(cfg))
     for step, val in zip(range(1, 6), [3.0, 1.0, 4.0, None, 6.0]):
-        backend.save_checkpoint(state, out, step, {"config": cfg.to_dict(), "step": step}, val)
-    assert [c.name for c in ckpt.complete_checkpoints(out)] == ["step_00000002", "step_00000004", "step_00000005"]
+        backend.save_checkpoint(state, out, meta(backend, cfg, step, val))
+    assert [c.name for c in complete_checkpoints(out)] == ["step_00000002", "step_00000004", "step_00000005"]
 
 
 def trained_three_steps_and_saved(backend, cfg, x: np.ndarray, y: np.ndarray, out: Path):
@@ -121,7 +127,7 @@ def trained_three_steps_and_saved(backend, cfg, x: np.ndarray, y: np.ndarray, ou
     state = backend.init_state(cfg, backend.setup(cfg))
     for _ in range(3):
         state, _ = backend.train_step(state, x, y)
-    return state, backend.save_checkpoint(state, out, 3, {"config": cfg.to_dict(), "step": 3}, 2.5)
+    return state, backend.save_checkpoint(state, out, meta(backend, cfg, 3, 2.5))
 
 
 def check_train_cli_refusals(backend, main: Callable, data_dir: Path, out: Path) -> list[str]:
@@ -130,7 +136,7 @@ def check_train_cli_refusals(backend, main: Callable, data_dir: Path, out: Path)
     args = trainer_args(data_dir, {"run.out_dir": out, "model.n_layer": 1, "optim.total_batch_size": 64,
                                    "optim.max_steps": 2, "data.val_tokens": 128})
     assert main(args) == 0
-    assert backend.latest_checkpoint(out).name == "step_00000002"
+    assert latest_checkpoint(out).name == "step_00000002"
     assert main(args + ["--model.n_layr", "2"]) == 2
     assert main(args) == 2  # the folder already holds a run and --resume was not given
     return args
@@ -157,10 +163,10 @@ def state_after_a_non_finite_loss(backend, poison: Callable, data_dir: Path, out
     cfg = with_run(twenty_step_config(data_dir, out), checkpoint_interval=2, eval_interval=0)
     with pytest.raises(NonFiniteError, match="step 5"):
         train(PoisonedAt(backend, 5, poison), cfg, log=quiet)
-    good = backend.latest_checkpoint(out)
+    good = latest_checkpoint(out)
     assert good.name == "step_00000004"
-    state, meta = backend.load_checkpoint(out, cfg, backend.setup(cfg))
-    assert meta["step"] == 4
+    state, saved = backend.load_checkpoint(out, cfg, backend.setup(cfg))
+    assert saved.step == 4
     return state
 
 
@@ -170,6 +176,7 @@ def saver_script(train_module: str, fill_state: str = "") -> str:
     return textwrap.dedent(f"""
         import sys
         from pathlib import Path
+        from common.checkpoints import CheckpointMeta
         from common.config import Config, ModelConfig, RunConfig
         from {train_module} import BACKEND
         cfg = Config(model=ModelConfig(**{SAVER_MODEL!r}), run=RunConfig(keep_checkpoints=1))
@@ -179,7 +186,7 @@ def saver_script(train_module: str, fill_state: str = "") -> str:
         step = 0
         while True:
             step += 1
-            BACKEND.save_checkpoint(state, out, step, {"config": cfg.to_dict(), "step": step}, None)
+            BACKEND.save_checkpoint(state, out, CheckpointMeta(step=step, backend=BACKEND.name, config=cfg.to_dict()))
             print(step, flush=True)
         """)
 
@@ -224,7 +231,7 @@ def check_sample_cli(backend, sample_main: Callable, tmp_path: Path, capsys) -> 
 
     cfg = twenty_step_config(tmp_path, tmp_path)
     state = backend.init_state(cfg, backend.setup(cfg))
-    backend.save_checkpoint(state, tmp_path / "run", 1, {"config": cfg.to_dict(), "step": 1}, None)
+    backend.save_checkpoint(state, tmp_path / "run", meta(backend, cfg, 1))
     argv = ["--checkpoint", str(tmp_path / "run"), "--prompt", "a;b", "--num-samples", "2",
             "--max-new-tokens", "5", "--seed", "3"]
     assert sample_main(argv) == 0

@@ -14,7 +14,10 @@ import pytest
 import torch
 
 from common.config import ModelConfig
+from common.names import init_weights
+from jax_impl import loss as jl
 from jax_impl import model as jm
+from torch_impl import loss as tl
 from torch_impl import model as tm
 
 V, VP, C, ROWS, CHUNK = 250, 256, 32, (3, 7), 8
@@ -42,9 +45,9 @@ def torch_loss_and_grads(chunk: int, dtype: torch.dtype, scale: float = 1.0):
     h = h.to(dtype).requires_grad_()
     wte = wte.to(dtype).requires_grad_()
     if chunk:
-        loss = tm.chunked_lm_loss(h, wte, targets, V, chunk)
+        loss = tl.chunked_lm_loss(h, wte, targets, V, chunk)
     else:
-        loss = tm.lm_loss(h @ wte.T, targets, V)
+        loss = tl.lm_loss(h @ wte.T, targets, V)
     (scale * loss).backward()
     return loss.item(), h.grad.double().numpy(), wte.grad.double().numpy()
 
@@ -55,8 +58,8 @@ def jax_loss_and_grads(chunk: int, dtype, scale: float = 1.0):
 
     def f(h, wte):
         if chunk:
-            return jm.chunked_lm_loss(h.reshape(-1, C), wte, targets.reshape(-1), V, chunk, dtype)
-        return jm.lm_loss(jnp.dot(h, wte.T), targets, V)
+            return jl.chunked_lm_loss(h.reshape(-1, C), wte, targets.reshape(-1), V, chunk, dtype)
+        return jl.lm_loss(jnp.dot(h, wte.T), targets, V)
 
     loss, (gh, gw) = jax.jit(jax.value_and_grad(lambda h, w: scale * f(h, w), argnums=(0, 1)))(h, wte)
     return float(loss) / scale, np.asarray(gh, np.float64), np.asarray(gw, np.float64)
@@ -106,8 +109,7 @@ def test_chunk_size_does_not_change_the_loss_beyond_rounding():
 
 
 def test_torch_model_training_forward_uses_the_chunked_loss():
-    model = tm.GPT(CFG)
-    model.reset_parameters(torch.Generator().manual_seed(0))
+    model = tm.from_common(init_weights(CFG, 0), CFG)
     idx = torch.randint(0, V, (3, 16), generator=torch.Generator().manual_seed(1))
     targets = torch.randint(0, V, (3, 16), generator=torch.Generator().manual_seed(2))
     grads = {}
@@ -127,7 +129,7 @@ def test_torch_model_training_forward_uses_the_chunked_loss():
 
 def test_jax_model_loss_method_matches_logits_path():
     model = jm.GPT(CFG)
-    params = jm.init_params(CFG, 0)
+    params = jm.from_common(init_weights(CFG, 0), CFG)
     idx = jax.random.randint(jax.random.PRNGKey(1), (3, 16), 0, V)
     targets = jax.random.randint(jax.random.PRNGKey(2), (3, 16), 0, V)
 
@@ -137,7 +139,7 @@ def test_jax_model_loss_method_matches_logits_path():
     grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
     full, g_full = grad(params, 0)
     chunked, g_chunked = grad(params, 20)
-    assert float(full) == pytest.approx(float(jm.lm_loss(model.apply({"params": params}, idx), targets, V)), rel=1e-6)
+    assert float(full) == pytest.approx(float(jl.lm_loss(model.apply({"params": params}, idx), targets, V)), rel=1e-6)
     assert float(chunked) == pytest.approx(float(full), rel=1e-6)
     for k, g in jm.flatten(g_full).items():
         assert rel(jm.flatten(g_chunked)[k], g) <= 1e-5, k
@@ -149,14 +151,14 @@ def test_chunked_loss_under_bf16_stays_close_to_unfused(backend):
         h, wte, targets = (torch.tensor(a) for a in inputs())
         h, wte = h.float(), wte.float()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            full = tm.lm_loss(h @ wte.T, targets, V).item()
-            chunked = tm.chunked_lm_loss(h, wte, targets, V, CHUNK).item()
+            full = tl.lm_loss(h @ wte.T, targets, V).item()
+            chunked = tl.chunked_lm_loss(h, wte, targets, V, CHUNK).item()
     else:
         h, wte, targets = inputs()
         h, wte = jnp.asarray(h, jnp.float32), jnp.asarray(wte, jnp.float32)
-        full = float(jm.lm_loss(jnp.dot(h.astype(jnp.bfloat16), wte.astype(jnp.bfloat16).T).astype(jnp.float32),
+        full = float(jl.lm_loss(jnp.dot(h.astype(jnp.bfloat16), wte.astype(jnp.bfloat16).T).astype(jnp.float32),
                                 jnp.asarray(targets), V))
-        chunked = float(jax.jit(jm.chunked_lm_loss, static_argnums=(3, 4, 5))(
+        chunked = float(jax.jit(jl.chunked_lm_loss, static_argnums=(3, 4, 5))(
             h.reshape(-1, C), wte, jnp.asarray(targets).reshape(-1), V, CHUNK, jnp.bfloat16))
     # torch: the same bf16 logits on both paths, only the fp32 reduction order differs. XLA may round
     # the bf16 dot's output differently per shape (a few bf16 ulps of single logits), so a bf16-level bound.
@@ -171,7 +173,7 @@ def test_model_loss_chunk_rows_config_selects_the_path_in_both_backends():
     assert model.loss_chunk_rows == 0 and tm.GPT(CFG).loss_chunk_rows == 128
     logits, _ = model(torch.tensor(idx), torch.tensor(targets))
     assert logits.shape == (3, 16, VP)  # the unfused path materialises the logits
-    params = jm.init_params(CFG, 0)
+    params = jm.from_common(init_weights(CFG, 0), CFG)
     by_config = float(jm.GPT(unfused).apply({"params": params}, jnp.asarray(idx), jnp.asarray(targets),
                                             method=jm.GPT.loss))
     explicit = float(jm.GPT(CFG).apply({"params": params}, jnp.asarray(idx), jnp.asarray(targets),
@@ -182,7 +184,7 @@ def test_model_loss_chunk_rows_config_selects_the_path_in_both_backends():
 def test_torch_chunked_loss_refuses_a_second_backward_over_its_spent_gradients():
     h, wte, targets = (torch.tensor(a) for a in inputs())
     h, wte = h.float().requires_grad_(), wte.float().requires_grad_()
-    loss = tm.chunked_lm_loss(h, wte, targets, V, CHUNK)
+    loss = tl.chunked_lm_loss(h, wte, targets, V, CHUNK)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()

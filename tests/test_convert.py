@@ -10,8 +10,9 @@ import pytest
 from common.config import validate
 from common.data import val_batches
 from common.loop import train
+from common.portable import read_portable
 from conftest import tiny_config
-from parity.convert import get_backend, main as convert_main, read_portable, write_portable
+from parity.convert import get_backend, main as convert_main, write_portable
 
 
 @pytest.fixture(scope="module")
@@ -25,25 +26,24 @@ def torch_run(tiny_shards, tmp_path_factory) -> Path:
 
 def val_loss(backend_name: str, run_dir: Path) -> float:
     backend = get_backend(backend_name)
-    portable, _ = read_portable(run_dir)
-    cfg = portable.config
+    cfg = read_portable(run_dir).config
     state, _ = backend.load_checkpoint(run_dir, cfg, backend.setup(cfg))
     return backend.evaluate(state, val_batches(cfg.data.dir, 4, cfg.model.block_size, 256,
                                                vocab_size=cfg.model.vocab_size))
 
 
 def test_torch_to_jax_to_torch_is_bit_identical(torch_run, tmp_path):
-    src, kind = read_portable(torch_run)
-    assert kind == "torch" and src.step == 4 and src.moments["step"] == 4
+    src = read_portable(torch_run, moments=True)
+    assert src.kind == "torch" and src.step == 4 and src.moments["step"] == 4
     jax_ckpt = write_portable(src, tmp_path / "jax", "jax")
-    via_jax, kind = read_portable(jax_ckpt)
-    assert kind == "jax" and via_jax.step == 4
-    back, _ = read_portable(write_portable(via_jax, tmp_path / "torch", "torch"))
+    via_jax = read_portable(jax_ckpt, moments=True)
+    assert via_jax.kind == "jax" and via_jax.step == 4
+    back = read_portable(write_portable(via_jax, tmp_path / "torch", "torch"), moments=True)
     for name, w in src.weights.items():
         assert np.array_equal(w, back.weights[name]), name
         for kind in ("m", "v"):
             assert np.array_equal(src.moments[kind][name], back.moments[kind][name]), (kind, name)
-    assert back.meta["loader"] == src.meta["loader"]  # a converted run can resume where it stopped
+    assert back.meta.loader == src.meta.loader  # a converted run can resume where it stopped
 
 
 def test_converted_run_scores_the_same_val_loss_in_jax(torch_run, tmp_path):
@@ -55,9 +55,9 @@ def test_converted_run_scores_the_same_val_loss_in_jax(torch_run, tmp_path):
 
 def test_hf_export_keeps_real_vocab_rows(torch_run, tmp_path):
     assert convert_main([str(torch_run), str(tmp_path / "hf"), "--to", "hf"]) == 0
-    hf, kind = read_portable(tmp_path / "hf")
-    src, _ = read_portable(torch_run)
-    assert kind == "hf" and hf.moments is None
+    hf = read_portable(tmp_path / "hf", moments=True)
+    src = read_portable(torch_run)
+    assert hf.kind == "hf" and hf.moments is None
     for name, w in src.weights.items():
         assert np.array_equal(w, hf.weights[name]), name  # vocab 256 has no padded rows to drop
 

@@ -59,7 +59,7 @@ def test_scalars_flatten_diagnostics_and_drop_non_numbers():
 
 
 @pytest.mark.parametrize("flag, module, message", [
-    ("tensorboard", "torch.utils.tensorboard", "run.tensorboard: the tensorboard package is not installed"),
+    ("tensorboard", "tensorboard", "run.tensorboard: the tensorboard package is not installed"),
     ("wandb", "wandb", "run.wandb: the wandb package is not installed"),
 ])
 def test_a_sink_without_its_package_is_a_one_line_config_error(flag, module, message, tiny_shards, tmp_path,

@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 
 from common.backend import DistInfo
+from common.checkpoints import latest_checkpoint, read_meta, write_meta
 from common.loop import MAX_PENDING_STEPS, NonFiniteError, train
 from common.records import read_records
 from conftest import tiny_config
+from helpers import backend_of
 
 
 class Counted:
@@ -39,6 +41,15 @@ class FakeBackend:
         self.seen: list[int] = []
         self.saved: list[int] = []
 
+    def add_arguments(self, parser):
+        pass
+
+    def apply_arguments(self, extra, cfg):
+        return cfg
+
+    def compile_label(self, cfg):
+        return "fake"
+
     def setup(self, cfg):
         self.cfg = cfg
         return DistInfo()
@@ -60,22 +71,18 @@ class FakeBackend:
     def evaluate(self, state, batches):
         return sum(1 for _ in batches) and 2.0
 
-    def save_checkpoint(self, state, out_dir, step, meta, val_loss):
-        assert state == step
-        folder = Path(out_dir) / "checkpoints" / f"step_{step:08d}"
+    def save_checkpoint(self, state, out_dir, meta):
+        assert state == meta.step
+        folder = Path(out_dir) / "checkpoints" / f"step_{meta.step:08d}"
         folder.mkdir(parents=True)
-        (folder / "meta.json").write_text(json.dumps(meta))
-        self.saved.append(step)
+        write_meta(folder, meta)
+        self.saved.append(meta.step)
         return folder
 
     def load_checkpoint(self, path, cfg, dist):
-        folder = self.latest_checkpoint(path) if (Path(path) / "checkpoints").exists() else Path(path)
-        meta = json.loads((folder / "meta.json").read_text())
-        return meta["step"], meta
-
-    def latest_checkpoint(self, out_dir):
-        folders = sorted((Path(out_dir) / "checkpoints").glob("step_*"))
-        return folders[-1] if folders else None
+        folder = latest_checkpoint(path) if (Path(path) / "checkpoints").exists() else Path(path)
+        meta = read_meta(folder)
+        return meta.step, meta
 
     def peak_flops(self, cfg, dist):
         return 1e12, "fake"
@@ -173,7 +180,7 @@ def with_out_dir(cfg, out_dir):
                                                ("jax", False, "jit"), ("jax", True, "jit")])
 def test_backend_line_says_how_the_step_is_compiled(tiny_shards, tmp_path, name, flag, label):
     backend = FakeBackend()
-    backend.name = name
+    backend.name, backend.compile_label = name, backend_of(name).compile_label
     lines = []
     train(backend, config(tiny_shards, tmp_path, max_steps=1, compile=flag), log=lambda *a, **k: lines.append(a[0]))
     [line] = [s for s in lines if s.startswith("backend: ")]

@@ -46,7 +46,7 @@ def test_main_loads_before_reading_the_prompt_from_stdin(monkeypatch, capsys):
     def run(args, model, prompt_text, out):
         events.append((model, prompt_text, args.seed))
 
-    parser = sampling.build_parser("prog", "doc", "checkpoint help", "prompt help")
+    parser = sampling.build_parser("prog", "doc", "torch")
     assert sampling.main(["--checkpoint", "x", "--seed", "3"], parser, load, run) == 0
     assert events == ["load", ("model", "from stdin", 3)]
     assert sampling.main(["--checkpoint", "x", "--prompt", "given"], parser, load, run) == 0
@@ -64,6 +64,6 @@ def test_bad_input_is_one_error_line_and_exit_2(argv, message, capsys):
     def load(args):
         raise CheckpointError(f"{args.checkpoint}: no such checkpoint")
 
-    parser = sampling.build_parser("prog", "doc", "checkpoint help", "prompt help")
+    parser = sampling.build_parser("prog", "doc", "torch")
     assert sampling.main(argv, parser, load, lambda *a: None) == 2
     assert capsys.readouterr().err == f"error: {message}\n"

@@ -17,7 +17,7 @@ def tiny_toml(tiny_shards, tmp_path):
     return path
 
 
-@pytest.mark.parametrize("backend, max_batch", [("torch", 4), ("jax", 2)])  # jax: 6 s of start-up per size
+@pytest.mark.parametrize("backend, max_batch", [("torch", 4), ("jax", 2)])  # jax: seconds of start-up per size
 def test_sweep_prints_a_row_per_batch_size(backend, max_batch, tiny_toml, capsys):
     code = sweep.main(["--backend", backend, "--config", str(tiny_toml), "--max-batch", str(max_batch),
                        "--steps", "2"])

@@ -7,19 +7,18 @@ import transformers
 
 from common.config import ModelConfig
 from common.hf import load_hf_folder, save_hf_folder
-from common.names import init_std, param_shapes
+from common.names import init_std, init_weights, param_shapes
 from common.plan import num_params
 from helpers import hf_gpt2
-from torch_impl.model import GPT, lm_loss
-from torch_impl.train import generate
+from torch_impl.loss import lm_loss
+from torch_impl.model import GPT, from_common, to_common
+from torch_impl.sample import generate
 
 TINY = ModelConfig(vocab_size=250, padded_vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd=32)
 
 
 def tiny_model(seed: int = 0, cfg: ModelConfig = TINY) -> GPT:
-    model = GPT(cfg)
-    model.reset_parameters(torch.Generator().manual_seed(seed))
-    return model.eval()
+    return from_common(init_weights(cfg, seed), cfg).eval()
 
 
 def tokens(shape, vocab=TINY.vocab_size, seed=0) -> torch.Tensor:
@@ -148,12 +147,12 @@ def test_dropout_only_in_training():
 
 def test_to_common_returns_fresh_float32_copies():
     model = tiny_model()
-    w = model.to_common()
+    w = to_common(model)
     assert {k: v.shape for k, v in w.items()} == param_shapes(TINY)
     assert all(v.dtype == np.float32 for v in w.values())
     w["wte.weight"][:] = 0
     assert model.wte.weight.abs().sum() > 0
-    again = GPT.from_common(model.to_common(), TINY)
+    again = from_common(to_common(model), TINY)
     assert all(torch.equal(again.state_dict()[k], v) for k, v in model.state_dict().items())
 
 
@@ -162,7 +161,7 @@ def test_hf_import_logits_match(tmp_path):
     hf.save_pretrained(tmp_path)
     cfg, weights = load_hf_folder(tmp_path)
     assert cfg == TINY
-    model = GPT.from_common(weights, cfg).eval()
+    model = from_common(weights, cfg).eval()
     idx = tokens((2, 16))
     with torch.no_grad():
         ours, _ = model(idx)
@@ -173,7 +172,7 @@ def test_hf_import_logits_match(tmp_path):
 
 def test_hf_export_logits_match(tmp_path):
     model = tiny_model(3)
-    save_hf_folder(tmp_path, TINY, model.to_common())
+    save_hf_folder(tmp_path, TINY, to_common(model))
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     idx = tokens((2, 16), seed=5)
     with torch.no_grad():

@@ -1,9 +1,10 @@
 """Time full training steps (forward + backward + AdamW): `python -m torch_impl.bench [--compile] [--dtype bf16]`.
 
-Shapes: `default` is the config's own step (micro_batch_size × block_size, accumulated to
-total_batch_size); `gpt2-124m` is one GPT-2-124M-shaped micro-step at B=1, T=1024. Tokens are random.
-Warm-up steps are excluded; the figure is the median over several timed windows. With --compile the
-eager and the torch.compile'd step are both measured, and compile time is reported on its own.
+`--shape`: `default` is the config's own step (micro_batch_size × block_size, accumulated to
+total_batch_size); the other names of common.benchtiming.SHAPES (tiny, small, gpt2-124m ...) set the
+model and one micro-step per replica, as in every bench. Tokens are random. Warm-up steps are
+excluded; the figure is the median over several timed windows. With --compile the eager and the
+torch.compile'd step are both measured, and compile time is reported on its own.
 """
 from __future__ import annotations
 

@@ -1,13 +1,13 @@
-"""Atomic checkpoints: out_dir/checkpoints/step_XXXXXXXX/{model.safetensors, train_state.pt, meta.json, COMPLETE}.
+"""torch checkpoints: out_dir/checkpoints/step_XXXXXXXX/{model.safetensors, train_state.pt, meta.json}.
 
-A checkpoint is written into a hidden temp folder, every file fsynced, the COMPLETE marker written
-last, then the folder is renamed into place (rename is atomic on POSIX). A crash at any moment thus
-leaves either the previous set of checkpoints or the new one; only folders holding COMPLETE count.
-The weights are plain safetensors under the common names (common/names.py), readable without torch.
+A save writes its files into a hidden temp folder, fsyncs them, writes meta.json last
+(common.checkpoints.write_meta) and renames the folder into place (atomic on POSIX), so a crash at any
+moment leaves the previous checkpoints or the new one; folder naming, the completion rule and retention
+are common/checkpoints.py's, shared with jax_impl/checkpoint.py. The weights are plain safetensors
+under the common names (common/names.py), readable without torch.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -16,88 +16,114 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.checkpoints import CHECKPOINT_SUBDIR, CheckpointError, checkpoints_to_keep, step_dir_name
+from common.checkpoints import (CHECKPOINT_SUBDIR, CheckpointError, CheckpointMeta, fsync_dir, fsync_file, prune,
+                                retained_steps, step_dir_name, write_meta)
+from common.config import Config
+from common.names import check_weights, decay_groups, param_shapes
+from common.precision import PRECISIONS
+from torch_impl import dist
 
 WEIGHTS = "model.safetensors"
 TRAIN_STATE = "train_state.pt"
-META = "meta.json"
-COMPLETE = "COMPLETE"
-_STEP_PREFIX = step_dir_name(0).rstrip("0")  # "step_"
 _TEMP_PREFIXES = (".tmp-", ".old-")
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+def save_checkpoint(state: Any, out_dir: str | os.PathLike, meta: CheckpointMeta) -> Path | None:
+    """Write checkpoint meta.step of `state` (a torch_impl.train.TrainState) on the main rank, then prune to
+    the run's run.keep_checkpoints plus the best val_loss. Every rank calls it; returns the folder on the
+    main rank, None on the others."""
+    path = None
+    if state.dist.is_main:
+        train_state = {
+            "step": state.step,
+            "optimizer": state.optimizer.state_dict(),
+            "scaler": state.scaler.state_dict() if state.scaler else None,
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state(state.device) if state.device.type == "cuda" else None,
+        }
+        path = _write(Path(out_dir), meta, state.model.state_dict(), train_state)
+    dist.barrier()  # other ranks must not run ahead (or exit) while rank 0 writes
+    return path
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def load_checkpoint(folder: str | os.PathLike, state: Any) -> Any:
+    """Restore a complete checkpoint folder's optimizer, loss scaler, step and RNG into `state`, a state
+    built from the same folder's weights (read_weights); returns it."""
+    folder = Path(folder)
+    saved = _read_train_state(folder)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        state.optimizer.load_state_dict(saved["optimizer"])
+        if state.scaler and saved.get("scaler"):
+            state.scaler.load_state_dict(saved["scaler"])
+        state.step = int(saved["step"])
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{folder / TRAIN_STATE}: optimizer state does not fit this model ({e})") from None
+    if state.dist.is_main:
+        torch.set_rng_state(saved["rng_cpu"])
+        if state.device.type == "cuda" and saved.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(saved["rng_cuda"], state.device)
+    else:
+        torch.manual_seed(dist.rank_seed(state.cfg.run.seed, state.dist, state.step))
+    return state
 
 
-def _step_of(folder: Path) -> int | None:
-    name = folder.name
-    if not name.startswith(_STEP_PREFIX) or not name[len(_STEP_PREFIX):].isdigit():
-        return None
-    return int(name[len(_STEP_PREFIX):])
+def read_weights(folder: str | os.PathLike, cfg: Config) -> dict[str, np.ndarray]:
+    """The checkpoint's weights as common weights, in the dtype they were trained in."""
+    from safetensors.numpy import load_file
+
+    path = Path(folder) / WEIGHTS
+    try:
+        weights = load_file(str(path))
+    except Exception as e:  # safetensors has its own error types for missing or corrupt files
+        raise CheckpointError(f"{path}: cannot read model weights ({e})") from None
+    try:
+        check_weights(weights, cfg.model, str(path))
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    return weights
 
 
-def is_complete(folder: Path) -> bool:
-    return _step_of(folder) is not None and (folder / COMPLETE).is_file()
+def read_moments(folder: str | os.PathLike, cfg: Config) -> dict[str, Any]:
+    """AdamW's state of a checkpoint as {"step", "m": {name: array}, "v": {name: array}}."""
+    path = Path(folder) / TRAIN_STATE
+    saved = _read_train_state(Path(folder))
+    try:
+        return moments_of(saved["optimizer"], cfg, int(saved["step"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: optimizer state does not fit the model of its config ({e})") from None
 
 
-def complete_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints under out_dir/checkpoints, oldest first."""
-    root = Path(out_dir) / CHECKPOINT_SUBDIR
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and is_complete(p)]
-    return sorted(found, key=_step_of)
+def moments_of(optimizer_state: dict[str, Any], cfg: Config, step: int) -> dict[str, Any]:
+    """AdamW's m and v under the common names from an optimizer state_dict, whose parameters are numbered
+    in the order of torch_impl.optim.param_groups; zeros where a parameter has no state yet."""
+    shapes = param_shapes(cfg.model)
+    moments: dict[str, Any] = {"step": step, "m": {}, "v": {}}
+    for group, names in zip(optimizer_state["param_groups"], decay_groups(cfg.model), strict=True):
+        for index, name in zip(group["params"], names, strict=True):
+            slot = optimizer_state["state"].get(index, {})
+            for kind, key in (("m", "exp_avg"), ("v", "exp_avg_sq")):
+                t = slot.get(key)
+                if t is None:
+                    moments[kind][name] = np.zeros(shapes[name], PRECISIONS[cfg.run.dtype].params)
+                else:
+                    moments[kind][name] = t.detach().to("cpu").numpy().copy()
+    return moments
 
 
-def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
-    found = complete_checkpoints(out_dir)
-    return found[-1] if found else None
-
-
-def resolve(path: str | os.PathLike) -> Path:
-    """A checkpoint folder as given, or the newest complete one of a run folder (or of its checkpoints/)."""
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"{p}: no such checkpoint or run folder")
-    if _step_of(p) is not None:
-        if not is_complete(p):
-            raise CheckpointError(f"{p}: incomplete checkpoint (no {COMPLETE} marker; the save was interrupted)")
-        return p
-    for run_dir in (p, p.parent if p.name == CHECKPOINT_SUBDIR else None):
-        if run_dir is not None and (latest := latest_checkpoint(run_dir)) is not None:
-            return latest
-    raise CheckpointError(f"{p}: no complete checkpoint in this folder")
-
-
-def save(out_dir: str | os.PathLike, step: int, weights: dict[str, torch.Tensor], train_state: dict[str, Any],
-         meta: dict[str, Any], keep_last: int) -> Path:
-    """Write checkpoint `step` atomically, then prune to the newest `keep_last` plus the best val_loss."""
+def _write(out_dir: Path, meta: CheckpointMeta, weights: dict[str, torch.Tensor], train_state: dict[str, Any]) -> Path:
     from safetensors.torch import save_file
 
-    root = Path(out_dir) / CHECKPOINT_SUBDIR
+    root = out_dir / CHECKPOINT_SUBDIR
     root.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(root)
-    final = root / step_dir_name(step)
+    final = root / step_dir_name(meta.step)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     tmp.mkdir()
     save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS))
     torch.save(train_state, tmp / TRAIN_STATE)
-    (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
-    for name in (WEIGHTS, TRAIN_STATE, META):
-        _fsync_file(tmp / name)
-    (tmp / COMPLETE).write_text(f"{step}\n")
-    _fsync_file(tmp / COMPLETE)
-    _fsync_dir(tmp)
+    for name in (WEIGHTS, TRAIN_STATE):
+        fsync_file(tmp / name)
+    write_meta(tmp, meta)  # last: what makes the folder count
     if final.exists():  # saving a step again (e.g. after resuming at it): swap, never delete first
         old = root / f".old-{final.name}-{os.getpid()}"
         os.rename(final, old)
@@ -105,8 +131,8 @@ def save(out_dir: str | os.PathLike, step: int, weights: dict[str, torch.Tensor]
         shutil.rmtree(old)
     else:
         os.rename(tmp, final)
-    _fsync_dir(root)
-    _prune(root, keep_last, protect=step)
+    fsync_dir(root)
+    prune(out_dir, retained_steps(out_dir, meta))
     return final
 
 
@@ -117,48 +143,8 @@ def _remove_leftovers(root: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _prune(root: Path, keep_last: int, protect: int) -> None:
-    found = complete_checkpoints(root.parent)
-    entries = [(_step_of(p), _val_loss(p)) for p in found]
-    keep = checkpoints_to_keep(entries, keep_last) | {protect}
-    for p in found:
-        if _step_of(p) not in keep:
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def _val_loss(folder: Path) -> float | None:
-    try:
-        return read_meta(folder).get("val_loss")
-    except CheckpointError:  # unreadable metadata: the checkpoint can still be pruned by age
-        return None
-
-
-def read_meta(folder: str | os.PathLike) -> dict[str, Any]:
-    path = Path(folder) / META
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read checkpoint metadata ({e})") from None
-
-
-def read_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The model's weights under the common names, in the dtype they were trained in."""
-    from safetensors.torch import load_file
-
-    path = Path(folder) / WEIGHTS
-    try:
-        return load_file(str(path))
-    except Exception as e:  # safetensors has its own error types for missing or corrupt files
-        raise CheckpointError(f"{path}: cannot read model weights ({e})") from None
-
-
-def read_common_weights(folder: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Float32 numpy copies of a checkpoint's weights (what another backend or a HF export takes)."""
-    return {k: v.to(torch.float32).numpy().copy() for k, v in read_weights(folder).items()}
-
-
-def read_train_state(folder: str | os.PathLike) -> dict[str, Any]:
-    path = Path(folder) / TRAIN_STATE
+def _read_train_state(folder: Path) -> dict[str, Any]:
+    path = folder / TRAIN_STATE
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many types for a truncated or foreign file

@@ -2,9 +2,9 @@
 
 Prints val loss, perplexity and bits per byte on the val split of a shard folder, and HellaSwag
 accuracy (common/hellaswag.py) when a file is given. PATH is a torch or JAX checkpoint or run folder
-(read through parity.convert, so either backend scores the other's runs) or a Hugging Face GPT-2
-folder (config.json + model.safetensors). jax_impl/evaluate.py is the same program in JAX; both
-score a checkpoint to the same numbers (tests/test_evaluate.py).
+or a Hugging Face GPT-2 folder (config.json + model.safetensors), read as weights alone
+(common/portable.py), so either backend scores the other's runs. jax_impl/evaluate.py is the same
+program in JAX; both score a checkpoint to the same numbers (tests/test_evaluate.py).
 
 Bits per byte = summed nats over the scored target tokens ÷ UTF-8 bytes those targets decode to ÷
 ln 2 (common/bpb.py), so the figure compares across tokenizers.
@@ -20,9 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.evaluation import UsageError, run_cli, score
-from torch_impl.model import GPT
-from torch_impl.train import AUTOCAST_DTYPES
+from common.evaluation import run_cli, score
+from common.portable import read_portable
+from torch_impl import dist
+from torch_impl.model import GPT, from_common
 
 
 @torch.no_grad()
@@ -50,31 +51,21 @@ def token_losses(model: GPT, x: np.ndarray, y: np.ndarray,
     return losses.view(yt.shape).to("cpu", torch.float64).numpy()
 
 
-def _device(flag: str) -> torch.device:
-    if flag == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: torch sees no CUDA device")
-    return torch.device("cuda" if flag == "cuda" or (flag == "auto" and torch.cuda.is_available()) else "cpu")
-
-
 def evaluate(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[str, Any]:
-    from parity.convert import read_portable
-
-    portable, kind = read_portable(args.checkpoint)
-    cfg = portable.config
-    device = _device(args.device)
-    model = GPT.from_common(portable.weights, cfg.model, source=str(args.checkpoint))
-    model.to(device=device, dtype=torch.float64 if args.dtype == "fp64" else torch.float32).eval()
-    autocast_dtype = AUTOCAST_DTYPES.get(args.dtype)
+    portable = read_portable(args.checkpoint)
+    device = dist.pick_device(args.device, flag="--device")
+    _, param_dtype = dist.dtypes(args.dtype)
+    model = from_common(portable.weights, portable.config.model, param_dtype, device,
+                        source=str(args.checkpoint)).eval()
 
     def losses_fn(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        autocast = torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype else None
-        return token_losses(model, x, y, autocast)
+        return token_losses(model, x, y, dist.autocast(args.dtype, device))
 
-    return score(args, losses_fn, portable, kind, "torch", device, log)
+    return score(args, losses_fn, portable, "torch", device, log)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli("torch", ('fp32', 'bf16', 'fp16', 'fp64'), evaluate, argv)
+    return run_cli("torch", evaluate, argv)
 
 
 if __name__ == "__main__":

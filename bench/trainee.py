@@ -1,0 +1,104 @@
+"""A bench worker: one training step (one of our backends or a plain baseline) timed in windows on request.
+
+`python -m bench.trainee NAME --config C.toml [--weights W.npz]`, started by bench.pairwise: it builds the
+step, trains one step (compilation, for what compiles) and answers with its time, then answers each
+`window N` with the wall seconds of N more steps, and `exit` with its peak RSS (bench.workers protocol).
+Every worker reads its batches from the shared loader, so all of them train on the same tokens.
+"""
+from __future__ import annotations
+
+if __name__ == "__main__":  # before torch/jax load: glibc reads GLIBC_TUNABLES only at process start
+    from common.launch import ensure_allocator_env
+    ensure_allocator_env("bench.trainee")
+
+import argparse
+import importlib
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from bench.workers import answer_channel, commands, reply
+from common.backend import BACKENDS, load_backend
+from common.config import Config, load_toml
+from common.data import DataLoader
+from common.plan import peak_flops
+
+PLAIN = {"torch": "plain_torch", "jax": "plain_jax"}  # each backend's plain baseline (bench/plain_*.py)
+TRAINEES = BACKENDS + tuple(PLAIN.values())
+
+
+@dataclass
+class Trainee:
+    step: Callable[[np.ndarray, np.ndarray], Any]  # one optimizer step on (accum, rows, T) batches → its loss
+    peak_flops: float  # FLOP/s for MFU
+
+
+def start(name: str, cfg: Config, weights: dict[str, np.ndarray] | None) -> Trainee:
+    """The step of `name` at step 0, from `weights` (common layout) or, for a backend, its own init.
+
+    The losses a step returns may be lazy device values: the worker converts them once per window, as
+    the trainer does once per log interval, so JAX keeps dispatching the next step while one computes.
+    """
+    if name in BACKENDS:
+        b = load_backend(name)
+        dist = b.setup(cfg)
+        state = b.init_state(cfg, dist, weights=weights)
+
+        def step(x: np.ndarray, y: np.ndarray) -> Any:
+            nonlocal state
+            state, metrics = b.train_step(state, x, y)
+            return metrics["loss"]
+
+        return Trainee(step, b.peak_flops(cfg, dist)[0])
+    if name not in TRAINEES or weights is None:
+        raise ValueError(f"unknown trainee {name!r}, or a plain baseline without weights")
+    step, device = importlib.import_module(f"bench.{name}").build(cfg, weights)
+    return Trainee(step, peak_flops(device, cfg.run.dtype, cfg.run.peak_tflops)[0])
+
+
+def serve(name: str, cfg_path: Path, weights_path: Path | None) -> None:
+    channel = answer_channel()
+    cfg = load_toml(cfg_path)
+    weights = dict(np.load(weights_path)) if weights_path else None
+    loader = DataLoader(cfg.data.dir, cfg.optim.micro_batch_size, cfg.model.block_size, cfg.optim.total_batch_size,
+                        seed=cfg.run.seed, vocab_size=cfg.model.vocab_size)
+    trainee = start(name, cfg, weights)
+
+    def steps(n: int) -> dict[str, Any]:
+        """Wall seconds of n steps (loader included, as in the trainer), the loader's part, and the losses."""
+        losses, loader_s = [], 0.0
+        t0 = time.perf_counter()
+        for _ in range(n):
+            t1 = time.perf_counter()
+            x, y = loader.next_step()
+            loader_s += time.perf_counter() - t1
+            losses.append(trainee.step(x, y))
+        losses = [float(v) for v in losses]  # the window's one host sync
+        return {"seconds": time.perf_counter() - t0, "loader_seconds": loader_s, "losses": losses}
+
+    first = steps(1)
+    reply(channel, {"first_step_s": first["seconds"], "loader_seconds": first["loader_seconds"],
+                    "losses": first["losses"], "peak_flops": trainee.peak_flops})
+    for command, arg in commands():
+        if command == "window":
+            reply(channel, steps(int(arg)))
+        elif command == "exit":
+            reply(channel, {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+            return
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.trainee", description=__doc__.splitlines()[0])
+    p.add_argument("name", choices=TRAINEES)
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--weights", type=Path, default=None, help="initial weights (common layout, .npz)")
+    args = p.parse_args(argv)
+    serve(args.name, args.config, args.weights)
+
+
+if __name__ == "__main__":
+    main()
