@@ -35,54 +35,16 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from common.cli import Parser, UsageError
-from common.launch import GLIBC_TUNABLES
+from parity.gpu_options import REPORT_JSON, REPORT_MD, ROOT, SECTIONS, Options, Timer, child_env
 
-ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("env", "peaks", "parity", "bench", "train")
-REPORT_JSON, REPORT_MD = "gpu-report.json", "gpu-report.md"
 # Each section's own limit (seconds) on a GPU and in the dry run; the train section adds its training budget.
 # All are also capped by what is left of --time-limit, so a hung section cannot take the whole run with it.
 TIMEOUTS = {"env": (120, 90), "peaks": (180, 120), "parity": (300, 240), "bench": (420, 300), "train": (300, 240)}
 
 
-@dataclasses.dataclass(frozen=True)
-class Options:
-    """What every section sees; passed to section processes as the same command-line flags."""
-    out: Path
-    dry_run: bool
-    data_dir: str
-    max_micro_batch: int
-    parity_steps: int
-    train_seconds: float
-    time_limit: float
-    deadline: float  # wall-clock time (epoch seconds) by which the whole command must be done
-
-    @property
-    def device(self) -> str:
-        return "cpu" if self.dry_run else "cuda"
-
-    def flags(self) -> list[str]:
-        return ["--out", str(self.out), "--data-dir", self.data_dir, "--max-micro-batch", str(self.max_micro_batch),
-                "--parity-steps", str(self.parity_steps), "--train-seconds", str(self.train_seconds),
-                "--time-limit", str(self.time_limit), "--deadline", repr(self.deadline)] + \
-               (["--dry-run"] if self.dry_run else [])
-
-
 def stamp(start: float) -> str:
     now = datetime.datetime.now().strftime("%H:%M:%S")
     return f"[{now} +{time.time() - start:4.0f}s]"
-
-
-def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment of every process this command starts: the repository importable, output unbuffered, and
-    JAX growing its GPU memory on demand instead of taking 75% of it up front (torch may share the GPU)."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env["PYTHONUNBUFFERED"] = "1"
-    env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    env.setdefault("GLIBC_TUNABLES", GLIBC_TUNABLES)  # the trainers' allocator settings (common/launch.py)
-    env.update(extra or {})
-    return env
 
 
 def load_report(out: Path) -> dict[str, Any]:
@@ -169,25 +131,17 @@ def run_section(name: str, opts: Options, work: Path, start: float) -> dict[str,
     return entry
 
 
-class Timer:
-    """Calls `action` once after `seconds` unless cancelled first; cancel() says whether it fired."""
+def run_one(name: str, opts: Options, work: Path) -> int:
+    """In a section process: runs one section, writes its result for the parent, exits 0 if it passed, else 1."""
+    from parity import gpu_bench, gpu_parity, gpu_sections, gpu_train
 
-    def __init__(self, seconds: float, action):
-        import threading
-
-        self.fired = False
-
-        def fire():
-            self.fired = True
-            action()
-
-        self._timer = threading.Timer(seconds, fire)
-        self._timer.daemon = True
-        self._timer.start()
-
-    def cancel(self) -> bool:
-        self._timer.cancel()
-        return self.fired
+    fn = {"env": gpu_sections.section_env, "peaks": gpu_sections.section_peaks, "parity": gpu_parity.section_parity,
+          "bench": gpu_bench.section_bench, "train": gpu_train.section_train}[name]
+    result = fn(opts, work)
+    (work / f"{name}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    for failure in result["failures"]:
+        print(f"FAILED: {failure}", flush=True)
+    return 0 if result["passed"] else 1
 
 
 def run_all(opts: Options, only: Sequence[str], command: str) -> int:
@@ -258,7 +212,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         opts = parse_options(args)
         if args.section:
-            from parity.gpu_sections import run_one
             return run_one(args.section, opts, args.work)
         only = SECTIONS
         if args.only is not None:

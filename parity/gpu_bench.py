@@ -26,7 +26,7 @@ from typing import Any
 
 from common.config import dump_toml, grad_accum_steps, load_toml
 from common.plan import flops_per_token
-from parity.gpu import ROOT, Options, child_env
+from parity.gpu_options import ROOT, Options, child_env
 from parity.gpu_sections import bf16_peak_flops, model_config, say
 
 BACKENDS = ("torch", "jax")

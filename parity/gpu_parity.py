@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from parity.gpu import ROOT, Options, child_env
+from parity.gpu_options import ROOT, Options, child_env
 from parity.gpu_sections import model_config, say
 
 

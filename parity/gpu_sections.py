@@ -1,8 +1,8 @@
 """The sections of `python -m parity.gpu` that need no helper process (env, peaks), and what all sections share:
-the run's model config, progress lines, earlier sections' results and the dispatch `run_one`.
+the run's model config, progress lines and earlier sections' results.
 
-A section is a function (Options, work folder) -> result dict with "passed" and "failures"; run_one writes
-the result where the parent process reads it and exits 0 (passed) or 1 (failed).
+A section is a function (Options, work folder) -> result dict with "passed" and "failures"; parity.gpu's
+run_one runs one in a section process.
 """
 from __future__ import annotations
 
@@ -13,13 +13,12 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from common.config import Config, apply_overrides, load_toml, resolve_config_path, validate
-from parity.gpu import REPORT_JSON, Options
+from parity.gpu_options import REPORT_JSON, Options
 
 # GPT-2 124M at T=1024 in bf16, the shape GPU users compare; the dry run keeps the GPT-2 vocabulary (the corpus's)
 # and shrinks everything else.
@@ -204,20 +203,3 @@ def section_peaks(opts: Options, work: Path) -> dict[str, Any]:
 
 
 # ---- dispatch -------------------------------------------------------------------------------------------
-
-def run_one(name: str, opts: Options, work: Path) -> int:
-    """Runs one section in this process, writes its result for the parent, exits 0 if it passed, else 1."""
-    if name in ("env", "peaks"):
-        fn = {"env": section_env, "peaks": section_peaks}[name]
-    elif name == "parity":
-        from parity.gpu_parity import section_parity as fn
-    elif name == "bench":
-        from parity.gpu_bench import section_bench as fn
-    else:
-        from parity.gpu_train import section_train as fn
-    result = fn(opts, work)
-    (work / f"{name}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
-    for failure in result["failures"]:
-        say(f"FAILED: {failure}")
-    sys.stdout.flush()
-    return 0 if result["passed"] else 1

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from common.plan import flops_per_token
-from parity.gpu import ROOT, Options, Timer, child_env
+from parity.gpu_options import ROOT, Options, Timer, child_env
 from parity.gpu_sections import DRY_SHAPE, MODEL, bf16_peak_flops, earlier, model_config, say
 
 BACKENDS = ("torch", "jax")
