@@ -274,9 +274,10 @@ def grad_accum_steps(cfg: Config, world_size: int = 1) -> int:
     return o.total_batch_size // (o.micro_batch_size * cfg.model.block_size * world_size)
 
 
-def shard_group_size(cfg: Config, world_size: int) -> int:
-    """Devices that share one sharded copy of the parameters: 1 under ddp, run.fsdp_size (0 = all) under fsdp."""
-    return 1 if cfg.run.parallel == "ddp" else (cfg.run.fsdp_size or world_size)
+def shard_group_size(cfg: Config, world_size: int, parallel: str | None = None) -> int:
+    """Devices that share one sharded copy of the parameters under `parallel` (default run.parallel): 1
+    under ddp, run.fsdp_size (0 = all) under fsdp."""
+    return 1 if (parallel or cfg.run.parallel) == "ddp" else (cfg.run.fsdp_size or world_size)
 
 
 def model_shape_diff(a: ModelConfig, b: ModelConfig) -> list[str]:
