@@ -58,6 +58,9 @@ class OptimConfig:
 class DataConfig:
     dir: str = "data/stdlib"  # folder of shards ({name}_train_*.bin / {name}_val_*.bin, or .npy)
     val_tokens: int = 32768  # tokens scored per evaluation
+    # shuffled: each step's rows are block-sized sequences drawn across the corpus in a seeded order per
+    # epoch; stream: consecutive tokens, build-nanogpt's order (common/data.py)
+    order: str = "shuffled"
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,7 @@ class Config:
 
 
 _SECTION_TYPES = {"model": ModelConfig, "optim": OptimConfig, "data": DataConfig, "run": RunConfig}
+ORDERS = ("shuffled", "stream")
 # Fields older versions wrote into checkpoints' meta.json and that no longer exist: skipped when reading one.
 RETIRED = {("run", "progress")}
 
@@ -266,6 +270,8 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
         raise ConfigError("run.hellaswag_interval is set but run.hellaswag_path is empty (give the jsonl file)")
     if cfg.data.val_tokens < 0:
         raise ConfigError(f"data.val_tokens must be ≥ 0, got {cfg.data.val_tokens}")
+    if cfg.data.order not in ORDERS:
+        raise ConfigError(f"data.order must be one of {', '.join(ORDERS)}, got '{cfg.data.order}'")
     return cfg
 
 

@@ -23,11 +23,12 @@ from common.backend import Backend, DistInfo
 from common.checkpoints import CheckpointError, CheckpointMeta, check_model_matches, code_version, latest_checkpoint
 from common.cli import INPUT_ERRORS
 from common.config import Config, ConfigError, DataConfig, build_parser, parse_args, validate
-from common.data import DataError, DataLoader, val_batches
+from common.data import DataError, loader_for, val_batches_for
 from common.hellaswag import HellaSwagError, load_examples
 from common.loggers import Sinks, open_sinks
 from common.plan import flops_per_token, plan_lines
 from common.records import MetricsLog, format_line
+from common.report import write_run_report
 
 
 # With run.log_interval 0 (or larger than this), step metrics are still flushed to records at least
@@ -57,16 +58,18 @@ def resolve_out_dir(cfg: Config, backend: Backend) -> Path:
 def ensure_data(cfg: Config, log: Callable[..., None]) -> None:
     """Prepare the embedded default corpus on first use; any other folder must already exist."""
     folder = Path(cfg.data.dir)
-    if folder.resolve() != Path(DataConfig().dir).resolve() or (folder / "manifest.json").exists():
+    if folder.resolve() != Path(DataConfig().dir).resolve():
+        return
+    from common.prepare import ensure_default_data, is_current
+    if is_current(folder):
         return
     rank = int(os.environ.get("RANK", os.environ.get("JAX_PROCESS_ID", "0")))
     if rank == 0:
-        from common.prepare import ensure_default_data
         log(f"preparing the default corpus (Python {sys.version.split()[0]} standard library) into {folder} ...")
         ensure_default_data(str(folder))
     else:  # other ranks wait for rank 0's manifest rather than tokenizing the same files again
         deadline = time.time() + 3600
-        while not (folder / "manifest.json").exists():
+        while not is_current(folder):
             if time.time() > deadline:
                 raise DataError(f"{folder}: timed out waiting for rank 0 to prepare the default corpus")
             time.sleep(1)
@@ -135,15 +138,10 @@ def train(backend: Backend, cfg: Config, resume: str | None = None, log: Callabl
     ensure_data(cfg, say)
     out_dir = resolve_out_dir(cfg, backend)
     o, r = cfg.optim, cfg.run
-    loader = DataLoader(cfg.data.dir, batch_size=o.micro_batch_size * dist.local_replicas,
-                        block_size=cfg.model.block_size, total_batch_size=o.total_batch_size,
-                        rank=dist.process_index, world_size=dist.process_count, seed=r.seed,
-                        vocab_size=cfg.model.vocab_size)
+    loader = loader_for(cfg, dist)
 
     def evaluate(state: Any) -> float:
-        return float(backend.evaluate(state, val_batches(
-            cfg.data.dir, o.micro_batch_size * dist.local_replicas, cfg.model.block_size, cfg.data.val_tokens,
-            rank=dist.process_index, world_size=dist.process_count, vocab_size=cfg.model.vocab_size)))
+        return float(backend.evaluate(state, val_batches_for(cfg, dist)))
 
     history: list[dict[str, Any]] = []
     start = 0
@@ -295,6 +293,8 @@ def train(backend: Backend, cfg: Config, resume: str | None = None, log: Callabl
         samples = _sample_texts(backend, state, cfg)
         for text in samples:
             say(f"sample> {text}")
+    if dist.is_main:
+        write_run_report(out_dir, say)
     return TrainResult(state=state, records=history, dist=dist, out_dir=out_dir, checkpoint=checkpoint,
                        samples=samples)
 

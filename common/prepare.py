@@ -2,7 +2,9 @@
 
 With no input the corpus is the Python standard library's own source, which every machine running
 this code already has, so the trainers work offline with no download. Each document is prefixed by
-EOT (as in build-nanogpt), documents flow across shard ends, shard 0 is the validation split.
+EOT (as in build-nanogpt). Shard 0 is the validation split, a seeded random sample of whole
+documents; the train shards hold the others in a seeded random order (`--no-shuffle`: input order,
+the default for Hugging Face datasets, which are shuffled already), flowing across shard ends.
 `manifest.json` is written last and atomically: its presence means the folder is complete.
 See docs/shard-format.md.
 """
@@ -27,110 +29,21 @@ import numpy as np
 from tqdm import tqdm
 
 from common.shards import MAGIC, VERSION, ShardError, write_shard
+from common.sources import (Document, PrepareError, hf_documents, input_documents, read_document,
+                            stdlib_documents)
 from common.tokenizer import EOT, VOCAB_SIZE, get_tokenizer
 
 MANIFEST = "manifest.json"
 DEFAULT_FOLDER = "data/stdlib"
 DEFAULT_SHARD_SIZE = 100_000_000
 DEFAULT_VAL_TOKENS = 100_000_000  # build-nanogpt's first shard
+DEFAULT_SEED = 1337
 STDLIB_VAL_TOKENS = 262_144  # the stdlib is ~15M tokens: a 100M val shard would leave nothing to train on
 CHUNK_CHARS = 1 << 20  # per worker task: big enough to amortise IPC, small enough to balance 2+ workers
-INPUT_SUFFIXES = (".txt", ".jsonl", ".parquet")
-
-Document = str | Path  # a Path is read by the worker, so file corpora are never pickled as text
-
-
-class PrepareError(ValueError):
-    """Unusable input; the CLI prints it on one line (naming the file) and exits with code 2."""
-
-
-# ---- document sources -------------------------------------------------------------------------
-
-def stdlib_documents() -> list[Path]:
-    """Every `*.py` of the standard library, sorted by relative path.
-
-    site-packages is excluded: it is third-party code that differs between machines, and would make
-    the default corpus differ too. The stdlib's own tests stay in: they are real Python, ~1/3 of it.
-    """
-    root = Path(sysconfig.get_paths()["stdlib"])
-    found = []
-    for folder, dirs, files in os.walk(root):
-        if Path(folder) == root:
-            dirs[:] = [d for d in dirs if d != "site-packages"]  # pruned, not filtered: it can be 10x the stdlib
-        found += [Path(folder, f).relative_to(root).as_posix() for f in files if f.endswith(".py")]
-    return [root / rel for rel in sorted(found)]
-
-
-def _input_files(path: Path) -> list[Path]:
-    if path.is_dir():
-        found = [p for p in path.rglob("*") if p.suffix in INPUT_SUFFIXES and p.is_file()]
-        return sorted(found, key=lambda p: p.relative_to(path).as_posix())
-    if path.is_file():
-        return [path]
-    raise PrepareError(f"{path}: input does not exist")
-
-
-def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PrepareError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get(field), str):
-                raise PrepareError(f"{path}:{lineno}: no string field '{field}' (use --text-field)")
-            yield row[field]
-
-
-def _check_parquet(path: Path, column: str):
-    import pyarrow.parquet as pq
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow raises several types for a non-parquet file
-        raise PrepareError(f"{path}: not a readable parquet file ({e})") from None
-    if column not in pf.schema_arrow.names:
-        raise PrepareError(f"{path}: no column '{column}' (columns: {', '.join(pf.schema_arrow.names)}); "
-                           f"use --text-field")
-    return pf
-
-
-def _parquet_documents(path: Path, column: str) -> Iterator[str]:
-    pf = _check_parquet(path, column)
-    for batch in pf.iter_batches(batch_size=1024, columns=[column]):  # FineWeb files hold ~1M rows
-        yield from (text for text in batch.column(0).to_pylist() if text is not None)
-
-
-def input_documents(paths: Sequence[str | Path], text_field: str = "text") -> Iterator[Document]:
-    """Documents of local inputs in order. All files are checked before the first is read, so a
-    typo fails at once instead of after an hour of tokenizing."""
-    files = [f for p in paths for f in _input_files(Path(p))]
-    for f in files:
-        if f.suffix == ".parquet":
-            _check_parquet(f, text_field)
-    return _read_inputs(files, text_field)
-
-
-def _read_inputs(files: list[Path], text_field: str) -> Iterator[Document]:
-    for f in files:
-        if f.suffix == ".jsonl":
-            yield from _jsonl_documents(f, text_field)
-        elif f.suffix == ".parquet":
-            yield from _parquet_documents(f, text_field)
-        else:
-            yield f
-
-
-def hf_documents(name: str, config: str | None, split: str, text_field: str = "text") -> Iterator[str]:
-    try:
-        import datasets
-    except ImportError:
-        raise PrepareError("--hf needs the `datasets` package (pip install datasets)") from None
-    for row in datasets.load_dataset(name, config, split=split, streaming=True):
-        if not isinstance(row.get(text_field), str):
-            raise PrepareError(f"{name}: a row has no string field '{text_field}' (use --text-field)")
-        yield row[text_field]
+# How the splits were chosen, in the manifest's "split"; a manifest without one was made when val was the
+# corpus's first --val-tokens tokens and documents kept their input order.
+SPLIT_RULE = "random-documents"
+VAL_POOL = 4  # unshuffled sources: the val documents are drawn from the first VAL_POOL × val_tokens tokens
 
 
 # ---- tokenizing -------------------------------------------------------------------------------
@@ -147,22 +60,14 @@ def _chunks(documents: Iterable[Document]) -> Iterator[list[Document]]:
         yield chunk
 
 
-def _read(doc: Document) -> str:
-    if isinstance(doc, str):
-        return doc
-    try:
-        return doc.read_bytes().decode("utf-8", errors="replace")  # bytes, not read_text: keep \r\n as is
-    except OSError as e:
-        raise PrepareError(f"{doc}: cannot read: {e.strerror}") from None
-
-
-def _encode_chunk(chunk: list[Document]) -> np.ndarray:
-    """EOT + tokens of each document, concatenated, as uint16 (a cheap array to send back)."""
+def _encode_chunk(chunk: list[Document]) -> tuple[np.ndarray, np.ndarray]:
+    """EOT + tokens of each document, concatenated, as uint16 (a cheap array to send back), and the
+    documents' lengths in tokens (EOT included)."""
     tok = get_tokenizer()
     pieces = []
     for doc in chunk:
-        pieces += [np.array([EOT], dtype=np.uint32), tok.encode_array(_read(doc))]
-    return np.concatenate(pieces).astype(np.uint16)
+        pieces += [np.array([EOT], dtype=np.uint32), tok.encode_array(read_document(doc))]
+    return np.concatenate(pieces).astype(np.uint16), np.array([p.size for p in pieces[1::2]], dtype=np.int64) + 1
 
 
 def _pool_context() -> multiprocessing.context.BaseContext:
@@ -175,17 +80,20 @@ def _pool_context() -> multiprocessing.context.BaseContext:
 
 
 class _ShardWriter:
-    """Fills shard-sized buffers from a token stream; shard 0 (val_tokens long) is the val split."""
+    """Writes the val shard (index 0) whole, and train shards (from index 1) shard_size tokens long from a
+    stream of tokens, so documents flow across train shard ends."""
 
-    def __init__(self, out_dir: Path, name: str, shard_size: int, val_tokens: int):
-        self.out_dir, self.name, self.shard_size, self.val_tokens = out_dir, name, shard_size, val_tokens
-        self.index = 0 if val_tokens > 0 else 1
-        self.buf = np.empty(self._capacity(), dtype=np.uint16)
-        self.filled = 0
+    def __init__(self, out_dir: Path, name: str, shard_size: int):
+        self.out_dir, self.name = out_dir, name
+        self.buf = np.empty(shard_size, dtype=np.uint16)
+        self.filled, self.index = 0, 1
         self.shards: list[dict] = []
 
-    def _capacity(self) -> int:
-        return self.val_tokens if self.index == 0 else self.shard_size
+    def write(self, split: str, index: int, tokens: np.ndarray) -> None:
+        path = self.out_dir / f"{self.name}_{split}_{index:06d}.bin"
+        write_shard(path, tokens, vocab_size=VOCAB_SIZE, eot=EOT)
+        self.shards.append({"file": path.name, "split": split, "tokens": int(tokens.size),
+                            "documents": int(np.count_nonzero(tokens == EOT)), "sha256": _sha256(path)})
 
     def add(self, tokens: np.ndarray) -> None:
         while tokens.size:
@@ -194,23 +102,54 @@ class _ShardWriter:
             self.filled += take
             tokens = tokens[take:]
             if self.filled == self.buf.size:
-                self._flush()
-
-    def _flush(self) -> None:
-        split = "val" if self.index == 0 else "train"
-        path = self.out_dir / f"{self.name}_{split}_{self.index:06d}.bin"
-        tokens = self.buf[:self.filled]
-        write_shard(path, tokens, vocab_size=VOCAB_SIZE, eot=EOT)
-        self.shards.append({"file": path.name, "split": split, "tokens": int(tokens.size),
-                            "documents": int(np.count_nonzero(tokens == EOT)), "sha256": _sha256(path)})
-        self.index += 1
-        if self.buf.size != self._capacity():
-            self.buf = np.empty(self._capacity(), dtype=np.uint16)
-        self.filled = 0
+                self.close()
 
     def close(self) -> None:
         if self.filled:
-            self._flush()
+            self.write("train", self.index, self.buf[:self.filled])
+            self.index, self.filled = self.index + 1, 0
+
+
+class _Held:
+    """Tokenized documents, in input order, kept in a temporary file until the val sample is drawn."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = open(path, "wb")
+        self.lengths: list[np.ndarray] = []
+        self.tokens = 0
+
+    def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        self.file.write(tokens.tobytes())
+        self.lengths.append(lengths)
+        self.tokens += tokens.size
+
+    def place(self, writer: _ShardWriter, val_tokens: int, seed: int, shuffle: bool) -> dict:
+        """Write the held documents: val is the shortest prefix of a permutation seeded by `seed` that holds
+        ≥ val_tokens tokens (a random sample of whole documents), train the others, in that permutation's
+        order when shuffling, else in input order. Returns what the manifest records of the split."""
+        self.file.close()
+        lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, dtype=np.int64)
+        tokens = np.memmap(self.path, dtype=np.uint16, mode="r") if self.tokens else np.zeros(0, dtype=np.uint16)
+        starts = np.concatenate([[0], np.cumsum(lengths)])
+        order = np.random.default_rng(seed).permutation(lengths.size)
+        k = min(lengths.size, int(np.searchsorted(np.cumsum(lengths[order]), val_tokens)) + 1) if val_tokens else 0
+        val, train = order[:k], (order[k:] if shuffle else np.sort(order[k:]))
+
+        def gather(docs: np.ndarray) -> np.ndarray:
+            return np.concatenate([tokens[starts[i]:starts[i + 1]] for i in docs] or [tokens[:0]])
+
+        if k:
+            writer.write("val", 0, gather(val))
+        for i in range(0, train.size, 4096):  # bounded memory whatever the corpus size
+            writer.add(gather(train[i:i + 4096]))
+        self.discard()
+        return {"rule": SPLIT_RULE, "seed": seed, "shuffled": shuffle, "drawn_from_documents": int(lengths.size),
+                "val_documents": [int(i) for i in val]}
+
+    def discard(self) -> None:
+        self.file.close()
+        self.path.unlink(missing_ok=True)
 
 
 def _sha256(path: Path) -> str:
@@ -224,7 +163,8 @@ def _sha256(path: Path) -> str:
 def _clear(out_dir: Path, name: str) -> None:
     """Remove what a previous run left: its manifest first, so the folder never looks complete."""
     (out_dir / MANIFEST).unlink(missing_ok=True)
-    pattern = re.compile(rf"{re.escape(name)}_(val|train)_\d{{6}}\.bin(\.tmp)?|{MANIFEST}\.tmp")
+    pattern = re.compile(rf"{re.escape(name)}_(val|train)_\d{{6}}\.bin(\.tmp)?|{MANIFEST}\.tmp|"
+                         rf"{re.escape(name)}\.documents\.tmp")
     for p in out_dir.iterdir():
         if pattern.fullmatch(p.name):
             p.unlink()
@@ -242,21 +182,32 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
 
 def prepare(documents: Iterable[Document], out_dir: str | Path, name: str, shard_size: int = DEFAULT_SHARD_SIZE,
             val_tokens: int = DEFAULT_VAL_TOKENS, workers: int | None = None, source: str | dict = "",
-            verbose: bool = True) -> dict:
+            verbose: bool = True, shuffle: bool = True, seed: int = DEFAULT_SEED) -> dict:
     """Tokenize `documents` (texts, or Paths read as UTF-8) into shards + manifest; returns the manifest.
 
-    The output is byte-identical for any worker count: `imap` returns chunks in input order.
+    The val shard is a random sample of whole documents, the first of a permutation seeded by `seed`
+    that hold ≥ val_tokens tokens. Train holds the other documents, in that permutation's order when
+    `shuffle`, else in input order. Shuffling holds every document in a temporary file until the end;
+    without it only the first VAL_POOL × val_tokens tokens are held and the val sample is drawn from
+    them (an unshuffled source is one that is shuffled already), so a corpus of any size streams.
+    The output is byte-identical for any worker count (`imap` returns chunks in input order) and, for
+    the same inputs and seed, between runs.
     """
     if not re.fullmatch(r"[A-Za-z0-9.-]+", name):
         raise PrepareError(f"--name {name!r}: use letters, digits, '.' and '-' (shard names use '_' as separator)")
     if shard_size <= 0 or val_tokens < 0:
         raise PrepareError(f"--shard-size must be > 0 and --val-tokens >= 0 (got {shard_size}, {val_tokens})")
+    if seed < 0:
+        raise PrepareError(f"--seed must be >= 0 (got {seed})")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _clear(out_dir, name)
     workers = max(1, workers or os.cpu_count() or 1)
     tok = get_tokenizer()  # built before forking so workers inherit it instead of each loading the ranks
-    writer = _ShardWriter(out_dir, name, shard_size, val_tokens)
+    writer = _ShardWriter(out_dir, name, shard_size)
+    held = _Held(out_dir / f"{name}.documents.tmp")
+    held_limit = None if shuffle else VAL_POOL * val_tokens
+    split = None  # the manifest's record of the split, once drawn
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
         if workers == 1:
@@ -267,13 +218,22 @@ def prepare(documents: Iterable[Document], out_dir: str | Path, name: str, shard
         bar = stack.enter_context(tqdm(unit="tok", unit_scale=True, desc=f"tokenizing {name}", disable=not verbose,
                                        file=sys.stderr, mininterval=0.5))
         try:
-            for tokens in encoded:
-                writer.add(tokens)
+            for tokens, lengths in encoded:
+                if split is not None:
+                    writer.add(tokens)
+                else:
+                    held.add(tokens, lengths)
+                    if held_limit is not None and held.tokens >= held_limit:
+                        split = held.place(writer, val_tokens, seed, shuffle)
                 bar.update(tokens.size)
+            if split is None:
+                split = held.place(writer, val_tokens, seed, shuffle)
             writer.close()
         except (PrepareError, ShardError):
             _clear(out_dir, name)
             raise
+        finally:
+            held.discard()
     seconds = time.perf_counter() - start
     shards = writer.shards
     totals = {"documents": sum(s["documents"] for s in shards), "tokens": sum(s["tokens"] for s in shards),
@@ -287,6 +247,7 @@ def prepare(documents: Iterable[Document], out_dir: str | Path, name: str, shard
         "format": {"magic": MAGIC, "version": VERSION, "dtype": "uint16", "eot_before_each_document": True},
         "shard_size": shard_size,
         "val_shard_tokens": val_tokens,
+        "split": split,
         "shards": shards,
         "totals": totals,
     }
@@ -314,13 +275,33 @@ def _locked(out_dir: Path):
         yield
 
 
-def _prepare_once(out_dir: Path, force: bool, **kwargs) -> dict:
+def _read_manifest(folder: Path) -> dict | None:
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):  # missing, or cut short by a crash outside _write_json_atomic
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def is_current(folder: str | Path) -> bool:
+    """Whether `folder` holds a complete preparation made by this version's split rule."""
+    manifest = _read_manifest(Path(folder))
+    return manifest is not None and (manifest.get("split") or {}).get("rule") == SPLIT_RULE
+
+
+def _prepare_once(out_dir: Path, force: bool, redo_older: bool = False, **kwargs) -> dict:
+    """Prepare unless a manifest is there; `redo_older` also redoes one made by an older split rule."""
     with _locked(out_dir):
-        manifest_path = out_dir / MANIFEST
-        if manifest_path.exists() and not force:
-            manifest = json.loads(manifest_path.read_text())
-            print(f"{out_dir}: already prepared: {_stats(manifest)} (delete {MANIFEST} or pass --force to redo)")
-            return manifest
+        manifest = _read_manifest(out_dir)
+        if manifest is not None and not force:
+            older = not is_current(out_dir)
+            if not (older and redo_older):
+                note = " by an older rule (val = the first tokens, documents in input order)" if older else ""
+                print(f"{out_dir}: already prepared{note}: {_stats(manifest)} (delete {MANIFEST} or pass --force "
+                      f"to redo)")
+                return manifest
+            print(f"{out_dir}: prepared by an older rule (val = the first tokens, documents in input order); "
+                  f"preparing it again")
         return prepare(out_dir=out_dir, **kwargs)
 
 
@@ -329,10 +310,12 @@ def _stdlib_source() -> dict:
 
 
 def ensure_default_data(folder: str | Path = DEFAULT_FOLDER) -> Path:
-    """The default corpus (stdlib source) in `folder`, prepared only if its manifest is missing."""
+    """The default corpus (stdlib source) in `folder`, prepared if its manifest is missing or older than
+    the current split rule."""
     folder = Path(folder)
-    _prepare_once(folder, force=False, documents=stdlib_documents(), name="stdlib", shard_size=DEFAULT_SHARD_SIZE,
-                  val_tokens=STDLIB_VAL_TOKENS, workers=os.cpu_count(), source=_stdlib_source())
+    _prepare_once(folder, force=False, redo_older=True, documents=stdlib_documents(), name="stdlib",
+                  shard_size=DEFAULT_SHARD_SIZE, val_tokens=STDLIB_VAL_TOKENS, workers=os.cpu_count(),
+                  source=_stdlib_source())
     return folder
 
 
@@ -356,6 +339,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--val-tokens", type=int, help=f"tokens in the val shard (default {DEFAULT_VAL_TOKENS:,}; "
                                                    f"{STDLIB_VAL_TOKENS:,} for the stdlib)")
     ap.add_argument("--workers", type=int, default=os.cpu_count(), help="tokenizer processes (default: all cores)")
+    ap.add_argument("--shuffle", action=argparse.BooleanOptionalAction,
+                    help="write the documents in a seeded random order (default: yes for the stdlib and --input, "
+                         "no for --hf, whose datasets such as FineWeb are shuffled already)")
+    ap.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the document order and the val sample")
     ap.add_argument("--force", action="store_true", help="redo even if the folder has a manifest")
     args = ap.parse_args(argv)
     try:
@@ -378,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = Path(args.out or (DEFAULT_FOLDER if name == "stdlib" and not (args.input or args.hf) else f"data/{name}"))
         _prepare_once(out, args.force, documents=documents, name=name, shard_size=args.shard_size,
                       val_tokens=default_val if args.val_tokens is None else args.val_tokens, workers=args.workers,
-                      source=source)
+                      source=source, shuffle=not args.hf if args.shuffle is None else args.shuffle, seed=args.seed)
     except (PrepareError, ShardError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

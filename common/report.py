@@ -15,7 +15,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from common.records import RecordsError, read_records
 
@@ -303,6 +303,19 @@ def write_plots(runs: list[Run], out: Path, target: float | None = None) -> list
                          f"left out)", "tokens / s", skip_warmup=True)]
     paths += [plot_diagnostic(runs, out, key) for key in DIAGNOSTICS]
     return [p for p in paths if p is not None]
+
+
+def write_run_report(run_dir: str | Path, log: Callable[[str], None] = print) -> list[Path]:
+    """The plots of one run into its own folder (what `python -m common.report RUN_DIR` writes), and a line
+    naming them; the trainers call it when a run ends. A report that cannot be made (no matplotlib, a full
+    disk, unreadable records) is one warning on stderr, never an error: the run it describes is complete."""
+    try:
+        paths = write_plots([load_run(run_dir)], Path(run_dir))
+    except Exception as e:  # whatever plotting raises: the trained run is already saved
+        print(f"warning: {run_dir}: no report written ({type(e).__name__}: {e})", file=sys.stderr)
+        return []
+    log("report: " + ", ".join(str(p) for p in paths))
+    return paths
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -102,7 +102,7 @@ class CausalSelfAttention(nn.Module):
         nh, hs = cfg.n_head, C // cfg.n_head
         dense = dict(bias=cfg.bias, dtype=self.dtype, param_dtype=self.param_dtype)
         qkv = Conv1D(3 * C, init_std("attn.c_attn.weight", cfg), name="c_attn", **dense)(x)
-        if self.attention == "cudnn":
+        if self.attention == "fused":
             q, k, v = (t[:, :, 0] for t in jnp.split(qkv.reshape(B, T, 3, nh, hs), 3, axis=2))  # each (B, T, nh, hs)
             y = fused_causal_attention(q, k, v).reshape(B, T, C)
         else:
@@ -145,24 +145,33 @@ class Block(nn.Module):
         return x + MLP(self.cfg, name="mlp", **kw)(LayerNorm(name="ln_2", **ln)(x), train)
 
 
+def scan_layers_for(platform: str) -> bool:
+    """Whether the layer stack runs as one lax.scan on `platform`: on CPUs, where compiling the block
+    once instead of n_layer times shortens the first step; not on GPUs, where the unrolled stack lets
+    XLA schedule and fuse across layers and skip the stacking copies, for a faster step
+    (`python -m parity.gpu` measures the step; `python -m parity.bench --suite --compile-time` the compile)."""
+    return platform != "gpu"
+
+
 class Blocks(nn.Module):
     """The layer stack, named "h" with children "0", "1", ... so the tree flattens to h.{i}.*.
 
-    Applied as one lax.scan over the layers' parameters stacked on a leading axis: XLA compiles the
-    block once instead of n_layer unrolled copies (`python -m parity.bench --suite --compile-time`
-    reports the compile time), at the price of one copy of the block parameters into the stack and of
-    their gradients out of it per step. The parameters stay per layer, in the HF layout. Flax's init
-    takes the unrolled branch, which declares them.
+    With `scan_layers`, applied as one lax.scan over the layers' parameters stacked on a leading axis:
+    XLA compiles the block once instead of n_layer unrolled copies, at the price of one copy of the block
+    parameters into the stack and of their gradients out of it per step. Otherwise the layers are applied
+    one after the other. The parameters stay per layer, in the HF layout, either way; Flax's init takes
+    the unrolled branch, which declares them.
     """
     cfg: ModelConfig
     dtype: Dtype
     param_dtype: Dtype
     attention: str = "blocked"
+    scan_layers: bool = True
 
     @nn.compact
     def __call__(self, x, train: bool):
         cfg = self.cfg
-        if self.is_initializing():  # init creates the per-layer parameters h.0 ... h.{L-1}
+        if self.is_initializing() or not self.scan_layers:  # init declares the parameters h.0 ... h.{L-1}
             for i in range(cfg.n_layer):
                 x = Block(cfg, self.dtype, self.param_dtype, self.attention, name=str(i))(x, train)
             return x
@@ -185,13 +194,14 @@ class GPT(nn.Module):
     dtype: Dtype = jnp.float32  # compute dtype of the matmuls
     param_dtype: Dtype = jnp.float32
     attention: str = "blocked"  # jax_impl.ops.ATTENTIONS; jax_impl.ops.attention_for picks it per platform
+    scan_layers: bool = True  # scan_layers_for picks it per platform
 
     def setup(self):
         cfg = self.cfg
         self.wte = Embedding(cfg.padded_vocab_size, cfg.n_embd, init_std("wte.weight", cfg), self.param_dtype)
         self.wpe = Embedding(cfg.block_size, cfg.n_embd, init_std("wpe.weight", cfg), self.param_dtype)
         self.drop = nn.Dropout(cfg.dropout)
-        self.h = Blocks(cfg, self.dtype, self.param_dtype, self.attention)
+        self.h = Blocks(cfg, self.dtype, self.param_dtype, self.attention, self.scan_layers)
         self.ln_f = LayerNorm(bias=cfg.bias, param_dtype=self.param_dtype)
 
     def features(self, idx, train: bool = False):

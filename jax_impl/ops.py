@@ -6,6 +6,7 @@ done its own way for the two backends to compute the same numbers at comparable 
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import jax
@@ -25,22 +26,31 @@ ATTN_BLOCK_ROWS = 128
 
 # The attention kernels the model can run: its own blocked attention (any platform and dtype, with
 # attention dropout), or cuDNN's fused flash attention through jax.nn.dot_product_attention (NVIDIA GPUs,
-# 16-bit compute, no attention dropout), the kernel torch's SDPA runs there.
-ATTENTIONS = ("blocked", "cudnn")
+# 16-bit inputs, no attention dropout), the kernel torch's SDPA runs there.
+ATTENTIONS = ("blocked", "fused")
 
 
 def attention_for(platform: str, dtype: Dtype, dropout: float) -> str:
-    """The attention a model on `platform` ("cpu", "gpu", ...) computing in `dtype` runs: cuDNN's flash
-    attention where it applies, else the blocked one. fp32 stays blocked on GPUs too, so the parity
-    mode compares the same math on every platform."""
+    """The attention a model on `platform` ("cpu", "gpu", ...) computing in `dtype` runs: the fused one
+    where cuDNN's flash attention applies (GPU, 16-bit, no attention dropout), else the blocked one. fp32
+    stays blocked on GPUs too, so the parity mode compares the same math on every platform."""
     if platform == "gpu" and jnp.dtype(dtype).itemsize == 2 and dropout == 0:
-        return "cudnn"
+        return "fused"
     return "blocked"
 
 
 def fused_causal_attention(q, k, v):
-    """softmax(q·kᵀ/√hs, causal) · v by cuDNN, for q, k, v of shape (B, T, nh, hs) in bf16 or fp16."""
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    """softmax(q·kᵀ/√hs, causal) · v for q, k, v of shape (B, T, nh, hs), by cuDNN's flash attention.
+
+    jax.nn.dot_product_attention's default implementation is XLA's (it materialises the (T, T) scores),
+    so cuDNN is asked for by name. Where cuDNN refuses the call while tracing (no cuDNN, an unsupported
+    head size or GPU), XLA's implementation of the same call runs instead, with a warning.
+    """
+    try:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    except (RuntimeError, ValueError, NotImplementedError) as e:
+        warnings.warn(f"cuDNN's fused attention is unavailable ({e}); using XLA's attention", stacklevel=2)
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
 
 
 def causal_attention(q, k, v, dtype: Dtype, dropout=None, block_rows: int = ATTN_BLOCK_ROWS):

@@ -34,7 +34,7 @@ from common.names import init_weights
 from common.plan import peak_flops
 from jax_impl import checkpoint, dist
 from jax_impl.evaluate import token_losses
-from jax_impl.model import GPT, abstract_params, flatten, from_common, to_common
+from jax_impl.model import GPT, abstract_params, flatten, from_common, scan_layers_for, to_common
 from jax_impl.ops import attention_for
 from jax_impl.optim import build_optimizer, grad_norm, lr_schedule
 from jax_impl.sample import generate
@@ -63,8 +63,10 @@ class Runtime:
     def __init__(self, cfg: Config, mesh: Mesh):
         self.cfg, self.mesh = cfg, mesh
         self.dtype, self.param_dtype = dist.dtypes(cfg.run.dtype)
-        self.attention = attention_for(mesh.devices.flat[0].platform, self.dtype, cfg.model.dropout)
-        self.model = GPT(cfg.model, dtype=self.dtype, param_dtype=self.param_dtype, attention=self.attention)
+        platform = mesh.devices.flat[0].platform
+        self.model = GPT(cfg.model, dtype=self.dtype, param_dtype=self.param_dtype,
+                         attention=attention_for(platform, self.dtype, cfg.model.dropout),
+                         scan_layers=scan_layers_for(platform))
         self.replicated = dist.replicated(mesh)
         self.batch_sharding, self.eval_sharding = dist.batch_sharding(mesh), dist.eval_sharding(mesh)
         self.lr = lr_schedule(cfg.optim, self.param_dtype)

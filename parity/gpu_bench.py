@@ -87,7 +87,7 @@ def jax_attention(dump_dir: Path) -> dict[str, Any]:
     calls = sorted(set(re.findall(r'custom_call_target="([^"]+)"', hlo)))
     fused = [c for c in calls if "fmha" in c.lower() or ("cudnn" in c.lower() and "attention" in c.lower())]
     what = f"cuDNN fused attention ({', '.join(fused)})" if fused else \
-        "jax_impl.model's own attention, compiled by XLA (no fused-attention custom call)"
+        "XLA-compiled attention (no fused-attention custom call)"
     return {"implementation": what, "custom_calls": calls[:12]}
 
 

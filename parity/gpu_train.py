@@ -52,8 +52,7 @@ def command(opts: Options, name: str, micro_batch: int, max_steps: int, out_dir:
              "--optim.micro_batch_size": str(micro_batch), "--optim.total_batch_size": str(cfg.optim.total_batch_size),
              "--optim.max_steps": str(max_steps), "--optim.warmup_steps": str(max(1, max_steps // 10)),
              "--run.out_dir": str(out_dir), "--run.log_interval": "10", "--run.eval_interval": "0",
-             "--run.checkpoint_interval": "0", "--run.sample_interval": "0", "--run.num_samples": "0",
-             "--run.progress": "false"}
+             "--run.checkpoint_interval": "0", "--run.sample_interval": "0", "--run.num_samples": "0"}
     if opts.dry_run:
         flags["--optim.max_lr"] = DRY_LR
     return [sys.executable, "-m", f"{name}_impl.train", "--config", MODEL] + \

@@ -27,6 +27,33 @@ def read_all(folder):
     return m, np.concatenate([read_shard(folder / s["file"]) for s in m["shards"]]).tolist()
 
 
+def split_documents(tokens):
+    """Token lists of the documents in a stream (each starts with EOT; text never encodes to EOT)."""
+    docs = []
+    for t in tokens:
+        if t == EOT:
+            docs.append([])
+        docs[-1].append(t)
+    return docs
+
+
+def documents_of(folder, split):
+    m = json.loads((folder / "manifest.json").read_text())
+    files = [s["file"] for s in m["shards"] if s["split"] == split]
+    return split_documents(np.concatenate([read_shard(folder / f) for f in files]).tolist() if files else [])
+
+
+def expected_layout(texts, val_tokens, seed=P.DEFAULT_SEED, shuffle=True):
+    """(val, train, val input positions): val the shortest prefix of the seeded permutation of the
+    documents holding >= val_tokens tokens, train the others in permutation (or input) order."""
+    docs = split_documents(expected_stream(texts))
+    order = np.random.default_rng(seed).permutation(len(docs))
+    cum = np.cumsum([len(docs[i]) for i in order])
+    k = int(np.argmax(cum >= val_tokens)) + 1 if val_tokens else 0
+    train = order[k:] if shuffle else np.sort(order[k:])
+    return [docs[i] for i in order[:k]], [docs[i] for i in train], [int(i) for i in order[:k]]
+
+
 @pytest.fixture
 def txt_dir(tmp_path):
     src = tmp_path / "corpus"
@@ -55,20 +82,27 @@ def test_txt_folder(tmp_path, txt_dir):
     assert run("--input", txt_dir, "--out", out, "--val-tokens", 5, "--shard-size", 7, "--workers", 1) == 0
     m, stream = read_all(out)
     want = expected_stream(DOCS)
-    assert stream == want
+    val, train, val_ids = expected_layout(DOCS, 5)
+    assert stream == sum(val + train, [])
+    assert sorted(split_documents(stream)) == sorted(split_documents(want))
+    assert documents_of(out, "val") == val and documents_of(out, "train") == train
+    assert m["split"] == {"rule": "random-documents", "seed": P.DEFAULT_SEED, "shuffled": True,
+                          "drawn_from_documents": len(DOCS), "val_documents": val_ids}
     assert m["name"] == "corpus"
     names = [s["file"] for s in m["shards"]]
     assert names[0] == "corpus_val_000000.bin" and names[1] == "corpus_train_000001.bin"
     assert [s["split"] for s in m["shards"]] == ["val"] + ["train"] * (len(names) - 1)
-    full, rest = divmod(len(want) - 5, 7)
-    assert [s["tokens"] for s in m["shards"]] == [5] + [7] * full + ([rest] if rest else [])
+    n_val = sum(map(len, val))
+    assert n_val >= 5 and n_val - len(val[-1]) < 5  # whole documents, the fewest reaching --val-tokens
+    full, rest = divmod(len(want) - n_val, 7)
+    assert [s["tokens"] for s in m["shards"]] == [n_val] + [7] * full + ([rest] if rest else [])
     for s in m["shards"]:
         data = (out / s["file"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == s["sha256"]
         assert s["documents"] == int(np.count_nonzero(read_shard(out / s["file"]) == EOT))
         assert read_header(out / s["file"]).vocab_size == 50257
     assert m["totals"] == {"documents": len(DOCS), "tokens": len(want), "shards": len(names),
-                           "val_tokens": 5, "train_tokens": len(want) - 5}
+                           "val_tokens": n_val, "train_tokens": len(want) - n_val}
     assert m["tokenizer"]["ranks_sha256"] == "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
     assert m["python"] and m["source"]["kind"] == "files"
 
@@ -80,11 +114,13 @@ def test_jsonl_and_parquet(tmp_path):
     pq.write_table(pa.table({"body": DOCS[3:] + [None], "id": [1, 2, 3]}), pqf, row_group_size=1)
     out = tmp_path / "out"
     assert run("--input", jl, pqf, "--text-field", "body", "--out", out, "--name", "mix", "--val-tokens", 4,
-               "--workers", 1) == 0
+               "--workers", 1, "--no-shuffle") == 0
     m, stream = read_all(out)
-    assert stream == expected_stream(DOCS)
+    val, train, _ = expected_layout(DOCS, 4, shuffle=False)
+    assert stream == sum(val + train, [])
+    assert train == [d for d in split_documents(expected_stream(DOCS)) if d not in val]  # input order, less val
     assert [s["file"] for s in m["shards"]] == ["mix_val_000000.bin", "mix_train_000001.bin"]
-    assert m["totals"]["documents"] == len(DOCS)
+    assert m["totals"]["documents"] == len(DOCS) and m["split"]["shuffled"] is False
 
 
 def test_worker_count_does_not_change_bytes(tmp_path, monkeypatch):
@@ -99,7 +135,8 @@ def test_worker_count_does_not_change_bytes(tmp_path, monkeypatch):
     assert len(files) > 3 and files == sorted(p.name for p in outs[1].iterdir() if p.suffix == ".bin")
     for f in files:
         assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes()
-    assert read_all(outs[0])[1] == expected_stream(texts)
+    val, train, _ = expected_layout(texts, 100)
+    assert read_all(outs[0])[1] == sum(val + train, [])
 
 
 def test_rerun_is_noop_and_interrupted_run_completes(tmp_path, txt_dir, capsys):
@@ -143,6 +180,11 @@ def test_bad_jsonl_line_exit_2(tmp_path, capsys, workers):
     assert run("--input", bad, "--out", out, "--workers", workers) == 2
     assert "bad.jsonl:2: not valid JSON" in error_line(capsys)
     assert not (out / "manifest.json").exists() and not list(out.glob("*.bin"))
+
+
+def test_negative_seed_exit_2(tmp_path, txt_dir, capsys):
+    assert run("--input", txt_dir, "--out", tmp_path / "out", "--seed", -3) == 2
+    assert error_line(capsys) == "error: --seed must be >= 0 (got -3)"
 
 
 def test_hf_without_datasets_is_clean_error(tmp_path, capsys, monkeypatch):
@@ -196,4 +238,76 @@ P.prepare(texts, {str(tmp_path / 'w2')!r}, "d", shard_size=300, val_tokens=100, 
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr[-3000:]
     texts = [f"document {i}: " + "lorem ipsum " * (i % 7) for i in range(200)]
-    assert read_all(tmp_path / "w2")[1] == expected_stream(texts)
+    val, train, _ = expected_layout(texts, 100)
+    assert read_all(tmp_path / "w2")[1] == sum(val + train, [])
+
+
+def distinct_texts(n):
+    return [f"document {i}: " + "lorem ipsum " * (i % 11) for i in range(n)]
+
+
+def test_document_order_and_val_sample(tmp_path):
+    """The permutation is deterministic per seed and covers every document once; the val documents are a
+    seeded sample that never appears in the train shards."""
+    texts = distinct_texts(300)
+    docs = split_documents(expected_stream(texts))
+    layouts = {}
+    for run_name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        out = tmp_path / run_name
+        m = P.prepare(texts, out, "d", shard_size=500, val_tokens=400, workers=1, verbose=False, seed=seed)
+        val, train = documents_of(out, "val"), documents_of(out, "train")
+        assert sorted(val + train) == sorted(docs)  # every document exactly once
+        assert not {tuple(d) for d in val} & {tuple(d) for d in train}
+        assert [docs[i] for i in m["split"]["val_documents"]] == val
+        assert sum(map(len, val)) >= 400 > sum(map(len, val[:-1]))
+        assert (val, train) == expected_layout(texts, 400, seed=seed)[:2]
+        layouts[run_name] = {p.name: p.read_bytes() for p in out.glob("*.bin")}
+    assert layouts["a"] == layouts["b"]  # same seed and inputs: the same bytes
+    assert layouts["a"] != layouts["c"]
+    assert [docs.index(d) for d in documents_of(tmp_path / "a", "train")] != sorted(
+        docs.index(d) for d in documents_of(tmp_path / "a", "train"))  # shuffled, not input order
+
+
+def test_unshuffled_val_comes_from_the_head(tmp_path, monkeypatch):
+    """--no-shuffle streams: only the first VAL_POOL × val_tokens tokens are held to draw val from."""
+    monkeypatch.setattr(P, "CHUNK_CHARS", 40)
+    texts = distinct_texts(300)
+    docs = split_documents(expected_stream(texts))
+    m = P.prepare(texts, tmp_path, "d", shard_size=500, val_tokens=100, workers=1, verbose=False, shuffle=False)
+    val, train = documents_of(tmp_path, "val"), documents_of(tmp_path, "train")
+    held = m["split"]["drawn_from_documents"]
+    assert 4 * 100 <= sum(map(len, docs[:held])) < 4 * 100 + 100  # held up to the chunk that reached 4 × 100
+    assert max(m["split"]["val_documents"]) < held < len(docs)
+    assert train == [d for d in docs if d not in val]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_hf_keeps_its_order_unless_asked(tmp_path, monkeypatch):
+    texts = distinct_texts(50)
+    monkeypatch.setattr(P, "hf_documents", lambda *a, **k: iter(texts))
+    for flag, shuffled in ((None, False), ("--shuffle", True)):
+        out = tmp_path / str(flag)
+        assert run("--hf", "some/dataset", "--out", out, "--val-tokens", 30, "--workers", 1,
+                   *([flag] if flag else [])) == 0
+        m = json.loads((out / "manifest.json").read_text())
+        assert m["split"]["shuffled"] is shuffled and m["split"]["seed"] == P.DEFAULT_SEED
+        assert (documents_of(out, "train") == [d for d in split_documents(expected_stream(texts))
+                                               if d not in documents_of(out, "val")]) is not shuffled
+
+
+def test_older_preparation_is_kept_by_the_cli_and_redone_for_the_default(tmp_path, monkeypatch, capsys):
+    small = [p for p in P.stdlib_documents() if p.name in ("this.py", "keyword.py", "bisect.py")]
+    monkeypatch.setattr(P, "stdlib_documents", lambda: small)
+    monkeypatch.setattr(P, "STDLIB_VAL_TOKENS", 100)
+    folder = P.ensure_default_data(tmp_path / "stdlib")
+    assert P.is_current(folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    del manifest["split"]  # as written before the split rule was recorded
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert not P.is_current(folder)
+    capsys.readouterr()
+    assert run("--out", folder) == 0  # an explicit folder: kept, with a note
+    assert "older rule" in capsys.readouterr().out and not P.is_current(folder)
+    P.ensure_default_data(folder)  # the trainers' default corpus: prepared again, once
+    assert P.is_current(folder) and "preparing it again" in capsys.readouterr().out
+    assert json.loads((folder / "manifest.json").read_text())["split"]["drawn_from_documents"] == 3

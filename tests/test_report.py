@@ -3,7 +3,8 @@ import struct
 
 import pytest
 
-from common.report import load_run, main, summarize
+from common import report
+from common.report import load_run, main, summarize, write_run_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -114,3 +115,48 @@ def test_record_without_loss_exits_2(tmp_path, capsys):
 def test_label_count_must_match(runs, capsys):
     assert main([str(runs[0]), str(runs[1]), "--labels", "only-one"]) == 2
     assert "--labels: 1 label(s) for 2 run(s)" in capsys.readouterr().err
+
+
+def test_run_report_into_the_run_folder(runs, capsys):
+    lines = []
+    paths = write_run_report(runs[1], lines.append)
+    assert [p.name for p in paths] == ["loss.png", "lr.png", "grad_norm.png", "tokens_per_s.png", "grad_to_weight.png"]
+    assert all(p.parent == runs[1] and p.stat().st_size > 10_000 for p in paths)
+    assert lines == ["report: " + ", ".join(str(p) for p in paths)]
+    assert capsys.readouterr().err == ""
+
+
+def test_run_report_failure_is_a_warning(tmp_path, runs, monkeypatch, capsys):
+    lines = []
+    assert write_run_report(tmp_path / "nothing", lines.append) == []
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: {tmp_path / 'nothing'}: no report written (ReportError: ") and err.count("\n") == 1
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no display backend")
+
+    monkeypatch.setattr(report, "write_plots", broken)
+    assert write_run_report(runs[0], lines.append) == []
+    assert capsys.readouterr().err == f"warning: {runs[0]}: no report written (RuntimeError: no display backend)\n"
+    assert lines == []
+
+
+def test_trainer_ends_with_the_report(tmp_path, tiny_shards, monkeypatch, capsys):
+    from helpers import trainer_args
+    from torch_impl.train import main as train_main
+
+    args = trainer_args(tiny_shards, {"model.n_layer": 1, "optim.total_batch_size": 64, "optim.max_steps": 3,
+                                      "data.val_tokens": 128})  # 3 steps: throughput leaves out the first 2
+    assert train_main(args + ["--run.out_dir", str(tmp_path / "a")]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == "report: " + ", ".join(str(tmp_path / "a" / f"{k}.png")
+                                          for k in ("loss", "lr", "grad_norm", "tokens_per_s"))
+    assert all((tmp_path / "a" / f"{k}.png").stat().st_size > 10_000 for k in ("loss", "lr", "grad_norm"))
+
+    monkeypatch.setattr(report, "write_plots", lambda *a, **k: 1 / 0)
+    assert train_main(args + ["--run.out_dir", str(tmp_path / "b")]) == 0  # a plot failure never fails the run
+    assert "no report written (ZeroDivisionError" in capsys.readouterr().err
+    assert (tmp_path / "b" / "metrics.jsonl").exists() and not (tmp_path / "b" / "loss.png").exists()
+
+    assert train_main(args + ["--run.out_dir", str(tmp_path / "c"), "--data.order", "foo"]) == 2
+    assert capsys.readouterr().err == "error: data.order must be one of shuffled, stream, got 'foo'\n"
