@@ -20,6 +20,11 @@ _BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 GIB = 2 ** 30
 
 
+def _unit(largest: int) -> tuple[str, int]:
+    """GiB, or MiB for models whose figures would all round to 0.00 GiB."""
+    return ("GiB", GIB) if largest >= GIB else ("MiB", 2 ** 20)
+
+
 def num_params(cfg: ModelConfig, include_wpe: bool = True) -> int:
     total = 0
     for name, shape in param_shapes(cfg).items():
@@ -114,20 +119,21 @@ def memory_lines(cfg: Config, world_size: int, device_gib: float = 0.0) -> list[
     shards = shard_group_size(cfg, world_size, "fsdp")
     o, m = cfg.optim, cfg.model
     heads = {"ddp": "ddp", "fsdp": f"fsdp ({shards}-way)"}
+    totals = {par: sum(table[par].values()) for par in PARALLELISMS}
+    unit, size = _unit(max(totals.values()))
     lines = [f"memory per device, estimated: {world_size} devices, run.dtype {cfg.run.dtype}, micro-batch "
              f"{o.micro_batch_size} × {m.block_size} tokens (this run: {cfg.run.parallel})",
-             "| GiB | " + " | ".join(heads[par] for par in PARALLELISMS) + " |",
+             f"| {unit} | " + " | ".join(heads[par] for par in PARALLELISMS) + " |",
              "|---|" + "---|" * len(PARALLELISMS)]
     for kind in table["ddp"]:
-        lines.append(f"| {kind} | " + " | ".join(f"{table[par][kind] / GIB:.2f}" for par in PARALLELISMS) + " |")
-    totals = {par: sum(table[par].values()) for par in PARALLELISMS}
-    lines.append("| total | " + " | ".join(f"{totals[par] / GIB:.2f}" for par in PARALLELISMS) + " |")
+        lines.append(f"| {kind} | " + " | ".join(f"{table[par][kind] / size:.2f}" for par in PARALLELISMS) + " |")
+    lines.append("| total | " + " | ".join(f"{totals[par] / size:.2f}" for par in PARALLELISMS) + " |")
     accum = grad_accum_steps(cfg, world_size)
     if accum > 1 and shards > 1:
         extra = table["ddp"]["gradients"] - table["fsdp"]["gradients"]
         totals["torch fsdp"] = totals["fsdp"] + extra
         lines.append(f"torch's fsdp accumulates {accum} micro-steps in whole gradients, reduce-scattered after the "
-                     f"last: +{extra / GIB:.2f} GiB = {totals['torch fsdp'] / GIB:.2f} GiB")
+                     f"last: +{extra / size:.2f} {unit} = {totals['torch fsdp'] / size:.2f} {unit}")
     if device_gib > 0:
         lines.append(f"fits in {device_gib:g} GiB: " + ", ".join(
             f"{name} {'yes' if total <= device_gib * GIB else 'no'}" for name, total in totals.items()))
@@ -151,8 +157,9 @@ def plan_lines(cfg: Config, world_size: int = 1, train_tokens: int | None = None
     if p.steps_per_epoch is not None:
         lines.append(f"data: {train_tokens:,} train tokens = {p.steps_per_epoch:,.1f} steps per epoch")
     memory = device_memory(cfg, world_size, cfg.run.parallel)
-    lines.append(f"memory per device ({cfg.run.parallel}, estimated): {sum(memory.values()) / GIB:.2f} GiB = "
-                 + " + ".join(f"{kind} {b / GIB:.2f}" for kind, b in memory.items() if b))
+    unit, size = _unit(sum(memory.values()))
+    lines.append(f"memory per device ({cfg.run.parallel}, estimated): {sum(memory.values()) / size:.2f} {unit} = "
+                 + " + ".join(f"{kind} {b / size:.2f}" for kind, b in memory.items() if b))
     return lines
 
 

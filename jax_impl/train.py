@@ -212,7 +212,7 @@ class JaxBackend:
     # --- command line ---------------------------------------------------------------------------------
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--devices", type=int, default=None, metavar="N",
-                            help="data-parallel devices in the mesh (same as --run.devices N); on CPU, "
+                            help="devices in the mesh (same as --run.devices N); on CPU, "
                                  "N host devices are created before JAX starts")
 
     def apply_arguments(self, extra: dict[str, Any], cfg: Config) -> Config:
