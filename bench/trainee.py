@@ -26,7 +26,7 @@ import numpy as np
 from bench.workers import answer_channel, commands, reply
 from common.backend import BACKENDS, DistInfo, load_backend
 from common.config import Config, load_toml
-from common.data import DataLoader
+from common.data import loader_for
 from common.plan import peak_flops
 
 PLAIN = {"torch": "plain_torch", "jax": "plain_jax"}  # each backend's plain baseline (bench/plain_*.py)
@@ -69,9 +69,7 @@ def serve(name: str, cfg_path: Path, weights_path: Path | None) -> None:
     weights = dict(np.load(weights_path)) if weights_path else None
     trainee = start(name, cfg, weights)
     dist = trainee.dist
-    loader = DataLoader(cfg.data.dir, cfg.optim.micro_batch_size * dist.local_replicas, cfg.model.block_size,
-                        cfg.optim.total_batch_size, rank=dist.process_index, world_size=dist.process_count,
-                        seed=cfg.run.seed, vocab_size=cfg.model.vocab_size)
+    loader = loader_for(cfg, dist)
 
     def steps(n: int) -> dict[str, Any]:
         """Wall seconds of n steps (loader included, as in the trainer), the loader's part, and the losses."""

@@ -94,6 +94,7 @@ class RunConfig:
     wandb: bool = False  # send every metrics record to Weights & Biases (WANDB_MODE=offline works)
     wandb_project: str = "gpt2-twin"
     tensorboard: bool = False  # TensorBoard event files under out_dir/tensorboard
+    report: bool = True  # when the run ends, its plots (loss, lr, grad norm, tok/s PNGs) into out_dir
 
 
 @dataclass(frozen=True)

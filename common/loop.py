@@ -293,7 +293,7 @@ def train(backend: Backend, cfg: Config, resume: str | None = None, log: Callabl
         samples = _sample_texts(backend, state, cfg)
         for text in samples:
             say(f"sample> {text}")
-    if dist.is_main:
+    if dist.is_main and r.report:
         write_run_report(out_dir, say)
     return TrainResult(state=state, records=history, dist=dist, out_dir=out_dir, checkpoint=checkpoint,
                        samples=samples)
