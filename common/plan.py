@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from common.config import (Config, ConfigError, ModelConfig, build_parser, grad_accum_steps, parse_args,
                            validate)
 from common.names import param_shapes
+from common.usage import UsageError
 
 
 def num_params(cfg: ModelConfig, include_wpe: bool = True) -> int:
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             pass
         print("\n".join(plan_lines(cfg, world, train_tokens)))
         return 0
-    except ConfigError as e:
+    except (ConfigError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
