@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from common.backend import Backend, DistInfo
-from common.checkpoints import CheckpointError, CheckpointMeta, check_model_matches, code_version, latest_checkpoint
+from common.checkpoints import (CheckpointError, CheckpointMeta, check_model_matches, code_version, latest_checkpoint,
+                                read_meta, resolve)
 from common.cli import INPUT_ERRORS
 from common.config import Config, ConfigError, DataConfig, build_parser, parse_args, validate
 from common.data import DataError, loader_for, val_batches_for
@@ -165,6 +166,10 @@ def _train(backend: Backend, cfg: Config, dist: DistInfo, out_dir: Path, resume:
         path = out_dir if resume == "latest" else Path(resume)
         if resume == "latest" and latest_checkpoint(out_dir) is None:
             raise CheckpointError(f"{out_dir}: no checkpoint to resume from")
+        folder = resolve(path)
+        if (saved_by := read_meta(folder).backend) != backend.name:
+            raise CheckpointError(f"{folder}: a {saved_by} checkpoint; `python -m parity.convert {folder} DST --to "
+                                  f"{backend.name}` makes a {backend.name} one to resume from")
         state, meta = backend.load_checkpoint(path, cfg, dist)
         changed = _check_resumable(meta, cfg, path)
         if changed and dist.is_main:

@@ -32,8 +32,6 @@ def make_output_dir(path: str | os.PathLike, flag: str) -> Path:
         blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
         why = f"{blocker} is a file, not a folder" if blocker is not None else e.strerror
         raise FolderError(f"{flag}: cannot create {path}: {why}") from None
-    if not path.is_dir():
-        raise FolderError(f"{flag}: {path} is a file, not a folder")
     if not os.access(path, os.W_OK | os.X_OK):
         raise FolderError(f"{flag}: {path} is not writable")
     return path

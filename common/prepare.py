@@ -245,6 +245,7 @@ def prepare(documents: Iterable[Document], out_dir: str | Path, name: str, shard
                 split = held.place(writer, val_tokens, seed, shuffle)
             writer.close()
         except (PrepareError, ShardError):
+            bar.leave = False  # on a terminal: the bar's line is cleared, so the error stands alone
             _clear(out_dir, name)
             raise
         finally:
