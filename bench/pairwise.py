@@ -5,11 +5,17 @@ memory is its own and no framework's thread pools disturb another's; all start f
 weights and read the same batches from the shared loader. After the first (compile) step and warm-up the
 parent asks the workers for timed windows in turn, round by round, so a slow spell of a noisy machine
 hits all of them alike, and compares them by the ratio within each round.
+
+With `parallel` (`parity.bench --parallel fsdp`), each backend runs once per run.parallel on `devices`
+data-parallel replicas: torch as that many gloo ranks under torchrun, JAX on that many XLA host devices
+in one process; the report compares fsdp with ddp within each round.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,14 +30,15 @@ from common.plan import flops_per_token
 
 
 def bench_config(config: str, shape: str, overrides: Sequence[str], dtype: str | None, compile: bool | None,
-                 total_steps: int) -> Config:
-    """The config a bench runs: the preset, then the shape, then the user's overrides (so they win)."""
-    cfg = shaped_config(config, shape, overrides=overrides)
+                 total_steps: int, devices: int = 1) -> Config:
+    """The config a bench runs on `devices` replicas: the preset, then the shape (one micro-step per replica),
+    then the user's overrides (so they win)."""
+    cfg = shaped_config(config, shape, replicas=devices, overrides=overrides)
     run = dataclasses.replace(cfg.run, dtype=dtype or cfg.run.dtype,
-                              compile=cfg.run.compile if compile is None else compile, devices=1)
+                              compile=cfg.run.compile if compile is None else compile, devices=devices)
     # The LR schedule has to cover every step the workers take.
     optim = dataclasses.replace(cfg.optim, max_steps=max(cfg.optim.max_steps, total_steps))
-    return validate(dataclasses.replace(cfg, run=run, optim=optim))
+    return validate(dataclasses.replace(cfg, run=run, optim=optim), devices)
 
 
 def parse_backends(text: str) -> tuple[str, ...]:
@@ -42,9 +49,17 @@ def parse_backends(text: str) -> tuple[str, ...]:
 
 
 def start_worker(name: str, cfg_path: Path, weights_path: Path | None, pin: str | None,
-                 extra_env: Mapping[str, str] | None = None) -> Worker:
+                 extra_env: Mapping[str, str] | None = None, devices: int = 1) -> Worker:
+    """bench.trainee NAME on `devices` replicas: torch ranks under torchrun, JAX host devices (XLA_FLAGS, which
+    XLA reads when JAX starts)."""
     args = [name, "--config", cfg_path] + (["--weights", weights_path] if weights_path else [])
-    return Worker(name, module_command("bench.trainee", args, pin), extra_env)
+    launcher, env = None, dict(extra_env or {})
+    if devices > 1 and name == "torch":
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}"]
+    elif devices > 1:
+        env["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"),
+                                                  f"--xla_force_host_platform_device_count={devices}"]))
+    return Worker(name, module_command("bench.trainee", args, pin, launcher), env)
 
 
 def same_round_ratios(numerator_s: Sequence[float], denominator_s: Sequence[float]) -> list[float]:
@@ -74,41 +89,50 @@ def common_init(cfg: Config, path: Path) -> Path:
 
 
 def bench(cfg: Config, rounds: int, window: int, warmup: int, pin: str | None = None,
-          backends: Sequence[str] = BACKENDS, extra_env: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """Interleaved timed windows of every worker in `backends` (names of bench.trainee.TRAINEES)."""
-    if any(name not in TRAINEES for name in backends):
+          backends: Sequence[str] = BACKENDS, extra_env: Mapping[str, str] | None = None,
+          parallel: Sequence[str] = ()) -> dict[str, Any]:
+    """Interleaved timed windows of every worker in `backends` (names of bench.trainee.TRAINEES); with
+    `parallel`, of each backend under each of those run.parallel values on cfg.run.devices replicas
+    (workers named "torch fsdp" ...)."""
+    if any(name not in TRAINEES for name in backends) or (parallel and not set(backends) <= set(BACKENDS)):
         raise ValueError(f"unknown workers in {backends}")
+    entrants = {f"{name} {mode}" if parallel else name: (name, mode) for name in backends
+                for mode in (parallel or [cfg.run.parallel])}
     tokens_per_step = cfg.optim.total_batch_size
     flops_tok = flops_per_token(cfg.model)
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="parity-bench-") as tmp:
-        cfg_path = Path(tmp) / "config.toml"
-        cfg_path.write_text(dump_toml(cfg))
+        cfg_paths = {}
+        for mode in {mode for _, mode in entrants.values()}:
+            cfg_paths[mode] = Path(tmp) / f"config-{mode}.toml"
+            cfg_paths[mode].write_text(dump_toml(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run,
+                                                                                                  parallel=mode))))
         # An empty JAX compilation cache, so JAX's first step is the cold compile a new user sees; a
         # second JAX worker started on the filled cache afterwards gives the warm (second run) figure.
         env = {**(extra_env or {}), "JAX_COMPILATION_CACHE_DIR": str(Path(tmp) / "jax-cache")}
         weights_path = common_init(cfg, Path(tmp) / "init.npz") if set(backends) != {"jax"} else None
         workers: dict[str, Worker] = {}
         try:
-            for name in backends:  # started one after the other so compile times are not contended
+            for name, (trainee, mode) in entrants.items():  # one after the other: compile times not contended
                 t0 = time.perf_counter()
-                workers[name] = start_worker(name, cfg_path, weights_path, pin, env)
+                workers[name] = start_worker(trainee, cfg_paths[mode], weights_path, pin, env, cfg.run.devices)
                 first = workers[name].read()
+                # MFU as the trainers give it: against the peak of all the run's replicas.
                 results[name] = {"startup_s": time.perf_counter() - t0, "first_step_s": first["first_step_s"],
-                                 "peak_flops": first["peak_flops"], "windows": [], "loader_windows": [],
-                                 "losses": list(first["losses"])}
+                                 "peak_flops": first["peak_flops"] * cfg.run.devices, "windows": [],
+                                 "loader_windows": [], "losses": list(first["losses"])}
                 if warmup:
                     results[name]["losses"] += workers[name].ask(f"window {warmup}")["losses"]
             for _ in range(rounds):
-                for name in backends:
+                for name in entrants:
                     w = workers[name].ask(f"window {window}")
                     results[name]["windows"].append(w["seconds"])
                     results[name]["loader_windows"].append(w["loader_seconds"])
                     results[name]["losses"] += w["losses"]
-            for name in backends:
+            for name in entrants:
                 results[name]["peak_rss_mb"] = workers[name].close()["peak_rss_mb"]
-            if "jax" in backends:
-                warm = workers["jax-warm"] = start_worker("jax", cfg_path, weights_path, pin, env)
+            if "jax" in entrants:
+                warm = workers["jax-warm"] = start_worker("jax", cfg_paths[cfg.run.parallel], weights_path, pin, env)
                 results["jax"]["warm_first_step_s"] = warm.read()["first_step_s"]
                 warm.close()
         finally:
@@ -124,6 +148,10 @@ def bench(cfg: Config, rounds: int, window: int, warmup: int, pin: str | None = 
         r["loader_share"] = sum(r["loader_windows"]) / sum(r["windows"])
     report = {"config": cfg.to_dict(), "rounds": rounds, "window_steps": window, "warmup_steps": warmup,
               "pinned_cpu": pin, "flops_per_token": flops_tok, "backends": results}
+    if {"ddp", "fsdp"} <= set(parallel):
+        report["fsdp_over_ddp"] = {name: ratio_summary(same_round_ratios(results[f"{name} fsdp"]["windows"],
+                                                                         results[f"{name} ddp"]["windows"]))
+                                   for name in backends}
     if {"torch", "jax"} <= results.keys():
         ratios = same_round_ratios(results["jax"]["windows"], results["torch"]["windows"])
         report["jax_over_torch"] = statistics.median(ratios)  # same-round ratio of tokens/s
@@ -137,7 +165,8 @@ def config_line(report: dict[str, Any]) -> str:
     return (f"config: L{m['n_layer']} H{m['n_head']} C{m['n_embd']} T{m['block_size']} B{o['micro_batch_size']} "
             f"vocab {m['padded_vocab_size']}, {o['total_batch_size']} tokens/step, dtype {c['run']['dtype']}, "
             f"compile {c['run']['compile']}; {report['rounds']} rounds × {report['window_steps']} steps"
-            + (f", pinned to CPU {report['pinned_cpu']}" if report["pinned_cpu"] is not None else ""))
+            + (f", pinned to CPU {report['pinned_cpu']}" if report["pinned_cpu"] is not None else "")
+            + (f"; {c['run']['devices']} replicas each" if c["run"]["devices"] > 1 else ""))
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -151,6 +180,9 @@ def format_table(report: dict[str, Any]) -> str:
     if "jax_over_torch" in report:
         lines.append(f"JAX / PyTorch tokens/s: {report['jax_over_torch']:.2f} (median of same-round ratios "
                      + ", ".join(f"{x:.2f}" for x in report["jax_over_torch_rounds"]) + ")")
+    for name, r in report.get("fsdp_over_ddp", {}).items():
+        lines.append(f"{name} fsdp / ddp tokens/s: {r['median']:.2f} (median of same-round ratios "
+                     + ", ".join(f"{x:.2f}" for x in r["rounds"]) + ")")
     return "\n".join(lines)
 
 

@@ -3,7 +3,9 @@
 `python -m bench.trainee NAME --config C.toml [--weights W.npz]`, started by bench.pairwise: it builds the
 step, trains one step (compilation, for what compiles) and answers with its time, then answers each
 `window N` with the wall seconds of N more steps, and `exit` with its peak RSS (bench.workers protocol).
-Every worker reads its batches from the shared loader, so all of them train on the same tokens.
+Every worker reads its batches from the shared loader, so all of them train on the same tokens. Under
+torchrun (parity.bench --parallel) every rank runs this: rank 0 reads the commands, broadcasts each to the
+others, and answers alone.
 """
 from __future__ import annotations
 
@@ -17,14 +19,14 @@ import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from bench.workers import answer_channel, commands, reply
-from common.backend import BACKENDS, load_backend
+from common.backend import BACKENDS, DistInfo, load_backend
 from common.config import Config, load_toml
-from common.data import DataLoader
+from common.data import loader_for
 from common.plan import peak_flops
 
 PLAIN = {"torch": "plain_torch", "jax": "plain_jax"}  # each backend's plain baseline (bench/plain_*.py)
@@ -35,6 +37,7 @@ TRAINEES = BACKENDS + tuple(PLAIN.values())
 class Trainee:
     step: Callable[[np.ndarray, np.ndarray], Any]  # one optimizer step on (accum, rows, T) batches → its loss
     peak_flops: float  # FLOP/s for MFU
+    dist: DistInfo = DistInfo()  # what this process trains of the global batch
 
 
 def start(name: str, cfg: Config, weights: dict[str, np.ndarray] | None) -> Trainee:
@@ -53,7 +56,7 @@ def start(name: str, cfg: Config, weights: dict[str, np.ndarray] | None) -> Trai
             state, metrics = b.train_step(state, x, y)
             return metrics["loss"]
 
-        return Trainee(step, b.peak_flops(cfg, dist)[0])
+        return Trainee(step, b.peak_flops(cfg, dist)[0], dist)
     if name not in TRAINEES or weights is None:
         raise ValueError(f"unknown trainee {name!r}, or a plain baseline without weights")
     step, device = importlib.import_module(f"bench.{name}").build(cfg, weights)
@@ -64,9 +67,9 @@ def serve(name: str, cfg_path: Path, weights_path: Path | None) -> None:
     channel = answer_channel()
     cfg = load_toml(cfg_path)
     weights = dict(np.load(weights_path)) if weights_path else None
-    loader = DataLoader(cfg.data.dir, cfg.optim.micro_batch_size, cfg.model.block_size, cfg.optim.total_batch_size,
-                        seed=cfg.run.seed, vocab_size=cfg.model.vocab_size)
     trainee = start(name, cfg, weights)
+    dist = trainee.dist
+    loader = loader_for(cfg, dist)
 
     def steps(n: int) -> dict[str, Any]:
         """Wall seconds of n steps (loader included, as in the trainer), the loader's part, and the losses."""
@@ -80,14 +83,35 @@ def serve(name: str, cfg_path: Path, weights_path: Path | None) -> None:
         losses = [float(v) for v in losses]  # the window's one host sync
         return {"seconds": time.perf_counter() - t0, "loader_seconds": loader_s, "losses": losses}
 
+    def answer(result: dict[str, Any]) -> None:
+        if dist.is_main:  # the other ranks' answers would be the same
+            reply(channel, result)
+
     first = steps(1)
-    reply(channel, {"first_step_s": first["seconds"], "loader_seconds": first["loader_seconds"],
-                    "losses": first["losses"], "peak_flops": trainee.peak_flops})
-    for command, arg in commands():
+    answer({"first_step_s": first["seconds"], "loader_seconds": first["loader_seconds"],
+            "losses": first["losses"], "peak_flops": trainee.peak_flops})
+    for command, arg in rank_commands(dist):
         if command == "window":
-            reply(channel, steps(int(arg)))
+            answer(steps(int(arg)))
         elif command == "exit":
-            reply(channel, {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+            answer({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+            return
+
+
+def rank_commands(dist: DistInfo) -> Iterator[tuple[str, str]]:
+    """The parent's commands: from stdin, or with several processes (torch ranks: JAX runs its devices in one
+    process here) from rank 0's stdin, broadcast so that every rank takes the same steps."""
+    if dist.process_count == 1:
+        yield from commands()
+        return
+    import torch.distributed as tdist
+
+    mine = commands() if dist.is_main else None
+    while True:
+        box = [next(mine, ("exit", "")) if mine else None]  # a closed stdin ends every rank
+        tdist.broadcast_object_list(box, src=0)
+        yield box[0]
+        if box[0][0] == "exit":
             return
 
 

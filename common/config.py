@@ -20,6 +20,7 @@ from common.usage import Parser
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = "default"
+PARALLELISMS = ("ddp", "fsdp")  # run.parallel
 
 
 class ConfigError(ValueError):
@@ -70,7 +71,11 @@ class RunConfig:
     dtype: str = "fp32"  # a name of common/precision.py: fp32 | bf16 | fp16 (torch only) | fp64 (parity)
     compile: bool = False  # torch.compile the model (JAX always compiles its step under jit)
     device: str = "auto"  # auto | cpu | cuda
-    devices: int = 0  # JAX: local devices in the data-parallel mesh (0 = all)
+    devices: int = 0  # JAX: local devices in the mesh (0 = all)
+    # ddp: every device holds all parameters, gradients and AdamW moments; fsdp: they are sharded over
+    # run.fsdp_size devices (torch FSDP2, a JAX "fsdp" mesh axis) and gathered layer by layer when used.
+    parallel: str = "ddp"
+    fsdp_size: int = 0  # devices per shard group with parallel = fsdp (0 = all); the rest replicate (HSDP)
     log_interval: int = 1
     eval_interval: int = 50
     sample_interval: int = 0  # 0 = sample only at the end
@@ -91,6 +96,7 @@ class RunConfig:
     wandb: bool = False  # send every metrics record to Weights & Biases (WANDB_MODE=offline works)
     wandb_project: str = "gpt2-twin"
     tensorboard: bool = False  # TensorBoard event files under out_dir/tensorboard
+    report: bool = True  # when the run ends, its plots (loss, lr, grad norm, tok/s PNGs) into out_dir
 
 
 @dataclass(frozen=True)
@@ -259,10 +265,16 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     if r.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"run.device must be auto, cpu or cuda, got '{r.device}'")
     for name in ("log_interval", "eval_interval", "checkpoint_interval", "sample_interval", "keep_checkpoints",
-                 "devices", "hellaswag_interval", "hellaswag_limit", "diagnostics_interval", "num_samples",
-                 "sample_tokens", "top_k", "temperature"):
+                 "devices", "fsdp_size", "hellaswag_interval", "hellaswag_limit", "diagnostics_interval",
+                 "num_samples", "sample_tokens", "top_k", "temperature"):
         if getattr(r, name) < 0:
             raise ConfigError(f"run.{name} must be ≥ 0, got {getattr(r, name)}")
+    if r.parallel not in PARALLELISMS:
+        raise ConfigError(f"run.parallel must be one of {', '.join(PARALLELISMS)}, got '{r.parallel}'")
+    if r.parallel == "ddp" and r.fsdp_size > 1:
+        raise ConfigError(f"run.fsdp_size is {r.fsdp_size} but run.parallel is ddp (set run.parallel = fsdp)")
+    if r.fsdp_size and world_size % r.fsdp_size:
+        raise ConfigError(f"run.fsdp_size ({r.fsdp_size}) does not divide the {world_size} devices")
     if r.hellaswag_interval and not r.hellaswag_path:
         raise ConfigError("run.hellaswag_interval is set but run.hellaswag_path is empty (give the jsonl file)")
     if cfg.data.val_tokens < 0:
@@ -275,6 +287,12 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
 def grad_accum_steps(cfg: Config, world_size: int = 1) -> int:
     o = cfg.optim
     return o.total_batch_size // (o.micro_batch_size * cfg.model.block_size * world_size)
+
+
+def shard_group_size(cfg: Config, world_size: int, parallel: str | None = None) -> int:
+    """Devices that share one sharded copy of the parameters under `parallel` (default run.parallel): 1
+    under ddp, run.fsdp_size (0 = all) under fsdp."""
+    return 1 if (parallel or cfg.run.parallel) == "ddp" else (cfg.run.fsdp_size or world_size)
 
 
 def model_shape_diff(a: ModelConfig, b: ModelConfig) -> list[str]:

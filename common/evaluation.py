@@ -30,10 +30,11 @@ LossesFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 def val_metrics(losses_fn: LossesFn, folder: str | Path, batch_size: int, block_size: int, val_tokens: int,
-                vocab_size: int) -> dict[str, float | int]:
-    """Val loss, perplexity and bits per byte over the first `val_tokens` of the val split."""
+                vocab_size: int, order: str) -> dict[str, float | int]:
+    """Val loss, perplexity and bits per byte over `val_tokens` of the val split, read in data.order
+    `order` as the trainer's evaluation reads them (common.data.val_batches)."""
     nats, tokens, nbytes = 0.0, 0, 0
-    for x, y in val_batches(folder, batch_size, block_size, val_tokens, vocab_size=vocab_size):
+    for x, y in val_batches(folder, batch_size, block_size, val_tokens, vocab_size=vocab_size, order=order):
         nats += float(np.sum(losses_fn(x, y), dtype=np.float64))
         tokens += y.size
         try:
@@ -104,7 +105,8 @@ def score(args: argparse.Namespace, losses_fn: LossesFn, portable: Portable, bac
         if folder is None:
             raise UsageError("--data: a Hugging Face folder records no data folder; give one (or --val-tokens 0)")
         batch = args.batch_size or (cfg.optim.micro_batch_size if is_ours else DEFAULT_BATCH_SIZE)
-        val = val_metrics(losses_fn, folder, batch, cfg.model.block_size, val_tokens, cfg.model.vocab_size)
+        val = val_metrics(losses_fn, folder, batch, cfg.model.block_size, val_tokens, cfg.model.vocab_size,
+                          cfg.data.order)
         result.update(data=str(folder), **val)
         log(f"val: {val['tokens']:,} tokens ({val['bytes']:,} bytes) of {folder} | loss {val['val_loss']:.4f} | "
             f"perplexity {val['perplexity']:.2f} | bits/byte {val['bits_per_byte']:.4f}")

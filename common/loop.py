@@ -323,7 +323,7 @@ def _train(backend: Backend, cfg: Config, dist: DistInfo, out_dir: Path, resume:
         samples = _sample_texts(backend, state, cfg)
         for text in samples:
             say(f"sample> {text}")
-    if dist.is_main:
+    if dist.is_main and r.report:
         write_run_report(out_dir, say)
     return TrainResult(state=state, records=history, dist=dist, out_dir=out_dir, checkpoint=checkpoint,
                        samples=samples)

@@ -76,7 +76,7 @@ def load_checkpoint(folder: str | os.PathLike, state: Any) -> Any:
     the same config; its values are not used, so Runtime.abstract_state() serves)."""
     folder = Path(folder)
     items = _restore(folder, {"params": state.params, "opt_state": state.opt_state, "rng": {"key": state.rng}})
-    step = dist.replicate(np.int32(read_meta(folder).step), state.step.sharding)
+    step = dist.place(np.int32(read_meta(folder).step), state.step.sharding)
     return state.replace(step=step, params=items["params"], opt_state=items["opt_state"], rng=items["rng"]["key"])
 
 

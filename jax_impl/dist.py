@@ -1,11 +1,12 @@
 """What a JAX process runs on: its devices and mesh, its numeric precision, and jax.distributed.
 
 The device picker and the run.dtype mapping here serve training, sampling and evaluation alike.
-One mesh axis, "data": the batch is split over it and parameters and optimizer state are replicated,
-so XLA inserts the gradient all-reduce that DDP does in torch. An FSDP axis would be a second mesh
-axis ("data", "fsdp") with `param_sharding` returning P over "fsdp" for large tensors; batch_sharding
-would then split rows over both axes. Nothing outside this file knows which axes exist.
-torch_impl/dist.py is the torch side.
+The mesh has two axes, ("data", "fsdp"): the batch's rows are split over both; each parameter and AdamW
+moment is split over "fsdp" along its largest dimension that the axis divides (replicated when none
+does) and replicated over "data". XLA inserts the collectives: under run.parallel ddp the fsdp axis has
+size 1 and the gradients are all-reduced, as DDP does in torch; under fsdp the weights are all-gathered
+where they are used and the gradients reduce-scattered, as FSDP2 does. Nothing outside this file knows
+which axes exist. torch_impl/dist.py is the torch side.
 """
 from __future__ import annotations
 
@@ -18,10 +19,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from common.backend import DistInfo
-from common.config import Config, ConfigError
+from common.config import Config, ConfigError, shard_group_size
 from common.precision import PRECISIONS, Precision, unsupported
 
-DATA_AXIS = "data"
+DATA_AXIS, FSDP_AXIS = "data", "fsdp"
 # Compiled programs are kept here across runs unless JAX_COMPILATION_CACHE_DIR names another folder, so
 # a config's second run skips compilation.
 COMPILATION_CACHE_DIR = Path("~/.cache/gpt2-twin/jax").expanduser()
@@ -121,7 +122,8 @@ def teardown_distributed() -> None:
 
 
 def make_mesh(cfg: Config) -> Mesh:
-    """A 1-D ("data",) mesh over every process's first run.devices local devices (0 = all)."""
+    """The ("data", "fsdp") mesh over every process's first run.devices local devices (0 = all); the fsdp
+    axis has shard_group_size devices (1 under ddp), neighbours in device order."""
     devices = pick_devices(cfg.run.device)
     n = cfg.run.devices
     by_process: dict[int, list] = {}
@@ -132,7 +134,10 @@ def make_mesh(cfg: Config) -> Mesh:
         raise ConfigError(f"run.devices is {n} but this process has {local} {devices[0].platform} devices "
                           f"(on CPU, launch with --devices {n} so XLA creates them before JAX starts)")
     chosen = [d for p in sorted(by_process) for d in sorted(by_process[p], key=lambda d: d.id)[:n or None]]
-    return Mesh(np.array(chosen), (DATA_AXIS,))
+    size = shard_group_size(cfg, len(chosen))
+    if len(chosen) % size:
+        raise ConfigError(f"run.fsdp_size ({size}) does not divide the {len(chosen)} devices")
+    return Mesh(np.array(chosen).reshape(len(chosen) // size, size), (DATA_AXIS, FSDP_AXIS))
 
 
 def dist_info(mesh: Mesh) -> DistInfo:
@@ -146,27 +151,50 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def param_sharding(mesh: Mesh) -> NamedSharding:
-    """Parameters and optimizer state: replicated on the data axis (a prefix for the whole tree)."""
-    return replicated(mesh)
+def sharding_of(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
+    """A parameter's or AdamW moment's layout: split over the fsdp axis along its largest dimension that the
+    axis divides (the first such, on a tie), replicated when none does or the axis has one device."""
+    size = mesh.shape[FSDP_AXIS]
+    dims = [d for d, n in enumerate(shape) if size > 1 and n % size == 0]
+    if not dims:
+        return replicated(mesh)
+    split = max(dims, key=lambda d: shape[d])
+    return NamedSharding(mesh, P(*(FSDP_AXIS if d == split else None for d in range(len(shape)))))
+
+
+def state_shardings(mesh: Mesh, tree) -> object:
+    """sharding_of every leaf of a tree of arrays or ShapeDtypeStructs (parameters, optimizer state)."""
+    return jax.tree.map(lambda a: sharding_of(mesh, tuple(a.shape)), tree)
+
+
+def bytes_per_device(tree) -> dict[object, int]:
+    """Bytes each device holds of a tree of global arrays (a sharded array counts its shards only)."""
+    held: dict[object, int] = {}
+    for leaf in jax.tree.leaves(tree):
+        for shard in leaf.addressable_shards:
+            held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
+    return held
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """(accum, rows, T) training batches: rows split over the data axis."""
-    return NamedSharding(mesh, P(None, DATA_AXIS, None))
+    """(accum, rows, T) training batches: rows split over every device."""
+    return NamedSharding(mesh, P(None, (DATA_AXIS, FSDP_AXIS), None))
 
 
 def eval_sharding(mesh: Mesh) -> NamedSharding:
     """(rows, T) evaluation batches."""
-    return NamedSharding(mesh, P(DATA_AXIS, None))
+    return NamedSharding(mesh, P((DATA_AXIS, FSDP_AXIS), None))
 
 
-def replicate(tree, sharding) -> object:
-    """Host arrays -> global arrays with `sharding`; works across processes (every host holds the values)."""
-    def put(a):
+def place(tree, shardings) -> object:
+    """Host arrays -> global arrays laid out as `shardings` (one for every leaf, or a tree matching `tree`);
+    works across processes (every host holds the values)."""
+    def put(a, sharding):
         host = np.asarray(jax.device_get(a))
         return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
-    return jax.tree.map(put, tree)
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda a: put(a, shardings), tree)
+    return jax.tree.map(put, tree, shardings)
 
 
 def put_batch(x: np.ndarray, sharding: NamedSharding) -> jax.Array:

@@ -67,18 +67,26 @@ class Runtime:
         self.model = GPT(cfg.model, dtype=self.dtype, param_dtype=self.param_dtype,
                          attention=attention_for(platform, self.dtype, cfg.model.dropout),
                          scan_layers=scan_layers_for(platform))
-        self.replicated = dist.param_sharding(mesh)
+        self.replicated = dist.replicated(mesh)
         self.batch_sharding, self.eval_sharding = dist.batch_sharding(mesh), dist.eval_sharding(mesh)
         self.lr = lr_schedule(cfg.optim, self.param_dtype)
         shapes = abstract_params(cfg.model, self.param_dtype)
         self.tx = build_optimizer(shapes, cfg, self.param_dtype)
-        self.train_step = jax.jit(self._train_step, donate_argnums=0, out_shardings=self.replicated)
+        # Where each array of a state lives (dist.sharding_of): sharded under fsdp, replicated under ddp.
+        self.param_shardings = dist.state_shardings(mesh, shapes)
+        self.opt_shardings = dist.state_shardings(mesh, jax.eval_shape(self.tx.init, shapes))
+        self.state_shardings = TrainState(step=self.replicated, params=self.param_shardings,
+                                          opt_state=self.opt_shardings, rng=self.replicated, cfg=cfg, mesh=mesh)
+        self.train_step = jax.jit(self._train_step, donate_argnums=0,
+                                  out_shardings=(self.state_shardings, self.replicated))
         self.eval_loss = jax.jit(self._eval_loss, out_shardings=self.replicated)
-        self.grads = jax.jit(self._grads, out_shardings=self.replicated)
+        self.grads = jax.jit(self._grads, out_shardings=(self.param_shardings, self.replicated))
         self.logits = jax.jit(lambda params, x: self.model.apply({"params": params}, x)[..., :cfg.model.vocab_size],
                               out_shardings=self.replicated)
-        self.init_opt = jax.jit(self.tx.init, out_shardings=self.replicated)
-        self.tensor_sums = jax.jit(lambda grads, params: jax.tree.map(_tensor_sums, grads, params))
+        self.init_opt = jax.jit(self.tx.init, out_shardings=self.opt_shardings)
+        self.tensor_sums = jax.jit(lambda grads, params: jax.tree.map(_tensor_sums, grads, params),
+                                   out_shardings=self.replicated)
+        self.gather = jax.jit(lambda tree: tree, out_shardings=self.replicated)
 
     def _loss(self, params, x, y, rng, train: bool):
         # GPT.loss: the row-chunked tied head + cross-entropy (never the full (B·T, V) logits).
@@ -122,18 +130,26 @@ class Runtime:
         return self._loss(params, x, y, None, False)
 
     def state(self, step: int, params, opt_state, rng) -> TrainState:
-        return TrainState(step=dist.replicate(jnp.asarray(step, jnp.int32), self.replicated), params=params,
-                          opt_state=opt_state, rng=dist.replicate(rng, self.replicated), cfg=self.cfg, mesh=self.mesh)
+        return TrainState(step=dist.place(jnp.asarray(step, jnp.int32), self.replicated), params=params,
+                          opt_state=opt_state, rng=dist.place(rng, self.replicated), cfg=self.cfg, mesh=self.mesh)
 
     def abstract_state(self) -> TrainState:
-        """Shapes, dtypes and shardings of a state, without computing one (what orbax restores into)."""
-        def spec(a):
-            return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self.replicated)
+        """Shapes, dtypes and shardings of a state on this mesh, without computing one (what orbax restores
+        into, whatever mesh the checkpoint was saved from)."""
+        def spec(a, sharding):
+            return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
         params = abstract_params(self.cfg.model, self.param_dtype)
-        opt_state = jax.eval_shape(self.tx.init, params)
-        rng = jax.eval_shape(lambda: jax.random.PRNGKey(0))
-        return TrainState(step=spec(jax.ShapeDtypeStruct((), jnp.int32)), params=jax.tree.map(spec, params),
-                          opt_state=jax.tree.map(spec, opt_state), rng=spec(rng), cfg=self.cfg, mesh=self.mesh)
+        shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                            opt_state=jax.eval_shape(self.tx.init, params),
+                            rng=jax.eval_shape(lambda: jax.random.PRNGKey(0)), cfg=self.cfg, mesh=self.mesh)
+        return jax.tree.map(spec, shapes, self.state_shardings)
+
+    def readable(self, tree):
+        """`tree` as arrays this process can read whole: arrays sharded over other processes' devices are
+        gathered (replicated) first."""
+        if all(a.is_fully_addressable for a in jax.tree.leaves(tree)):
+            return tree
+        return self.gather(tree)
 
 
 def _tensor_sums(g, w):
@@ -150,7 +166,7 @@ def init_state(rt: Runtime, cfg: Config, weights: dict[str, np.ndarray] | None =
     source = "initial weights" if weights is not None else "init"
     params = from_common(init_weights(cfg.model, cfg.run.seed) if weights is None else weights, cfg.model,
                          rt.param_dtype, source)
-    params = dist.replicate(params, rt.replicated)
+    params = dist.place(params, rt.param_shardings)
     state = rt.state(0, params, rt.init_opt(params), jax.random.PRNGKey(cfg.run.seed))
     return set_moments(rt, state, moments) if moments is not None else state
 
@@ -162,9 +178,9 @@ def set_moments(rt: Runtime, state: TrainState, moments: dict[str, Any]) -> Trai
     v = from_common(moments["v"], rt.cfg.model, rt.param_dtype, "moments v")
     step = int(moments["step"])
     # "count" is both Adam's bias-correction step and the lr schedule's index: both are `step`.
-    # Set on host values and replicated leaf by leaf, so no two leaves share a (donated) buffer.
-    host = optax.tree.set(jax.device_get(state.opt_state), mu=m, nu=v, count=np.int32(step))
-    return rt.state(step, state.params, dist.replicate(host, rt.replicated), state.rng)
+    # Set on host values and placed leaf by leaf, so no two leaves share a (donated) buffer.
+    host = optax.tree.set(jax.device_get(rt.readable(state.opt_state)), mu=m, nu=v, count=np.int32(step))
+    return rt.state(step, state.params, dist.place(host, rt.opt_shardings), state.rng)
 
 
 def train_step(rt: Runtime, state: TrainState, x: np.ndarray, y: np.ndarray) -> tuple[TrainState, dict[str, Any]]:
@@ -196,7 +212,7 @@ class JaxBackend:
     # --- command line ---------------------------------------------------------------------------------
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--devices", type=int, default=None, metavar="N",
-                            help="data-parallel devices in the mesh (same as --run.devices N); on CPU, "
+                            help="devices in the mesh (same as --run.devices N); on CPU, "
                                  "N host devices are created before JAX starts")
 
     def apply_arguments(self, extra: dict[str, Any], cfg: Config) -> Config:
@@ -245,7 +261,7 @@ class JaxBackend:
 
     def token_losses(self, state: TrainState, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         rt = self._rt(state)
-        return token_losses(rt.model, state.params, x, y, put=lambda a: dist.replicate(a, rt.replicated))
+        return token_losses(rt.model, state.params, x, y, put=lambda a: dist.place(a, rt.replicated))
 
     def diagnostics(self, state: TrainState, x: np.ndarray, y: np.ndarray) -> dict[str, dict[str, float]]:
         """The gradient of train_step's batch (same dropout key) from the separately jitted gradient
@@ -265,7 +281,7 @@ class JaxBackend:
         return generate(rt.model, state.params, prompt, num_samples, max_new_tokens, temperature, top_k, seed)
 
     def to_common(self, state: TrainState) -> dict[str, np.ndarray]:
-        return to_common(state.params)
+        return to_common(self._rt(state).readable(state.params))
 
     def save_checkpoint(self, state: TrainState, out_dir: Path, meta: CheckpointMeta) -> Path:
         return checkpoint.save_checkpoint(state, out_dir, meta)
@@ -295,11 +311,12 @@ class JaxBackend:
         _, dropout_rng = jax.random.split(state.rng)
         g, _ = rt.grads(state.params, dist.put_batch(x.astype(np.int32), rt.batch_sharding),
                         dist.put_batch(y.astype(np.int32), rt.batch_sharding), dropout_rng)
-        return to_common(g)
+        return to_common(rt.readable(g))
 
     def optimizer_moments(self, state: TrainState) -> dict[str, Any]:
-        return {"step": int(state.step), "m": to_common(optax.tree.get(state.opt_state, "mu")),
-                "v": to_common(optax.tree.get(state.opt_state, "nu"))}
+        opt_state = self._rt(state).readable(state.opt_state)
+        return {"step": int(state.step), "m": to_common(optax.tree.get(opt_state, "mu")),
+                "v": to_common(optax.tree.get(opt_state, "nu"))}
 
 
 BACKEND = JaxBackend()

@@ -5,6 +5,9 @@ batches by the shared loader, through the same `train_step` the trainers use; af
 workers time windows in alternation, round by round, and the report gives medians and the JAX/PyTorch
 ratio within each round (bench/pairwise.py).
 
+`--parallel fsdp` runs each backend under ddp and under fsdp on `--devices N` replicas (torch: gloo ranks under
+torchrun; JAX: XLA host devices) and reports both throughputs and their same-round ratio.
+
 `--suite` runs the README's rows (tiny, small, GPT-2 124M × fp32, bf16) that way and prints one markdown
 table (parity/bench_suite.py). `--vs-plain` runs each backend against the plain step a user would write
 first in its framework, in the same rounds, and prints each one's speed-up over it (bench/vs_plain.py).
@@ -26,7 +29,7 @@ from bench.pairwise import bench, bench_config, format_table, parse_backends, pl
 from bench.vs_plain import check_config, format_vs_plain, vs_plain
 from bench.workers import allocator_env
 from common.benchtiming import DEFAULT_SHAPE, SHAPES
-from common.config import ConfigError
+from common.config import PARALLELISMS, ConfigError
 from common.loop import INPUT_ERRORS, ensure_data
 from parity.bench_suite import SUITE_DTYPES, SUITE_ROWS, run_suite, suite_options, suite_text
 
@@ -53,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "the CPUs of the single-CPU pass (default 0)")
     p.add_argument("--json", type=Path, help="write the full report here")
     p.add_argument("--plot", type=Path, help="write a PNG of tokens/s per window and loss curves")
+    p.add_argument("--parallel", choices=PARALLELISMS, default=None,
+                   help="run each backend on --devices replicas under ddp, or under ddp and fsdp side by side")
+    p.add_argument("--devices", type=int, default=None, help="replicas with --parallel (default 2)")
     p.add_argument("--vs-plain", action="store_true", help="also run each backend's plain baseline (bench/plain_*.py) "
                    "in the same rounds and print each backend's speed-up over it (fp32)")
     suite = p.add_argument_group("suite", "the README's table: rows × dtypes, both backends")
@@ -75,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         for flag in ("rounds", "steps"):
             if getattr(args, flag) is not None and getattr(args, flag) < 1:
                 raise ConfigError(f"--{flag} must be ≥ 1")
+        if args.devices is not None and (args.parallel is None or args.devices < 1):
+            raise ConfigError("--devices needs --parallel and must be ≥ 1")
+        if args.parallel and (args.suite or args.vs_plain):
+            raise ConfigError(f"--parallel does not apply to {'--suite' if args.suite else '--vs-plain'}")
         if args.suite:
             if args.vs_plain:
                 raise ConfigError("--vs-plain does not apply to --suite")
@@ -87,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         if used:
             raise ConfigError(f"{used[0]} needs --suite")
         rounds, steps, warmup = args.rounds or 5, args.steps or 5, 2 if args.warmup is None else args.warmup
+        devices = (args.devices or 2) if args.parallel else 1
         cfg = bench_config(args.config, args.shape or DEFAULT_SHAPE, overrides, args.dtype, args.compile,
-                           1 + warmup + rounds * steps)
+                           1 + warmup + rounds * steps, devices)
         if args.vs_plain:
             check_config(cfg)  # before preparing any data
             ensure_data(cfg, print)
@@ -97,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             print(format_vs_plain(report, env_note))
         else:
             ensure_data(cfg, print)
-            report = bench(cfg, rounds, steps, warmup, args.pin, backends)
+            modes = {None: (), "ddp": ("ddp",), "fsdp": ("ddp", "fsdp")}[args.parallel]
+            report = bench(cfg, rounds, steps, warmup, args.pin, backends, parallel=modes)
             print(format_table(report))
         if args.json:
             args.json.write_text(json.dumps(report, indent=1) + "\n")

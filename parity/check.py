@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=sorted(TOLERANCES), default="fp32")
     p.add_argument("--json", type=Path, help="write the full report here")
     p.add_argument("--suite", action="store_true",
-                   help="also check accumulation on/off, 1 vs 2 data-parallel replicas and checkpoint round trips")
+                   help="also check accumulation on/off, 1 vs 2 replicas (ddp and fsdp) and checkpoint round trips")
     try:
         args, overrides = p.parse_known_args(argv)
         if args.steps < 1:

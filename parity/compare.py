@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from common.backend import load_backend
-from common.data import DataLoader
+from common.backend import DistInfo, load_backend
+from common.data import DataLoader, loader_for
 
 
 @dataclass(frozen=True)
@@ -105,5 +105,5 @@ def start_pair(cfg, backends=None) -> Pair:
 
 
 def make_loader(cfg) -> DataLoader:
-    return DataLoader(cfg.data.dir, batch_size=cfg.optim.micro_batch_size, block_size=cfg.model.block_size,
-                      total_batch_size=cfg.optim.total_batch_size, seed=cfg.run.seed, vocab_size=cfg.model.vocab_size)
+    """The one-process training loader of `cfg` (data.order included): both backends step on its batches."""
+    return loader_for(cfg, DistInfo())

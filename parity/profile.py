@@ -51,12 +51,11 @@ WRAPPER = re.compile(r"^(?:jvp|transpose|jit|pjit|vmap|remat|checkpoint|custom_j
 
 def child_state(name: str, cfg: Config, warmup: int, steps: int) -> tuple[Any, Any, list[tuple[Any, Any]]]:
     """The backend, its state after the first step and `warmup` more, and the batches to profile."""
-    from common.data import DataLoader
+    from common.data import loader_for
 
     b = load_backend(name)
     dist = b.setup(cfg)
-    loader = DataLoader(cfg.data.dir, cfg.optim.micro_batch_size, cfg.model.block_size, cfg.optim.total_batch_size,
-                        seed=cfg.run.seed, vocab_size=cfg.model.vocab_size)
+    loader = loader_for(cfg, dist)
     state = b.init_state(cfg, dist)
     for _ in range(1 + warmup):  # the first step compiles (JAX) or builds kernels (torch): never profiled
         state, m = b.train_step(state, *loader.next_step())

@@ -42,7 +42,7 @@ def tiny_config(data_dir: Path, out_dir: Path | str = "unused", **optim) -> Conf
                   optim=dataclasses.replace(base, **optim),
                   data=DataConfig(dir=str(data_dir), val_tokens=256),
                   run=RunConfig(out_dir=str(out_dir), num_samples=0, eval_interval=0, checkpoint_interval=0,
-                                devices=1))
+                                devices=1, report=False))
 
 
 def twenty_step_config(data_dir: Path, out_dir: Path) -> Config:

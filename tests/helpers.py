@@ -22,9 +22,11 @@ import pytest
 from common.checkpoints import CheckpointMeta, complete_checkpoints, latest_checkpoint
 from common.config import Config
 from common.loop import NonFiniteError, train
+from common.names import init_weights
 from common.portable import read_portable
 from common.records import read_records
 from conftest import TINY_VOCAB, twenty_step_config, with_run
+from parity.compare import TOLERANCES, global_rel
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -93,6 +95,27 @@ def assert_same_three_steps(a: Path, b: Path) -> None:
     wa, wb = read_portable(a).weights, read_portable(b).weights
     for k in wa:
         np.testing.assert_allclose(wa[k], wb[k], atol=1e-5, rtol=0, err_msg=k)
+
+
+# Sharded runs against their references (tests/test_fsdp_*.py): per-step loss (abs) and grad norm (rel) in fp32,
+# and the final weights as ‖θ − θ_ref‖ / ‖θ_ref − θ₀‖ over all tensors, parity.check's fp32 bound (per element, a
+# weight whose gradient is rounding noise, the attention key bias, moves by Adam-sized steps either way).
+STEP_TOL = 2e-6
+PARAMS_TOL = TOLERANCES["fp32"].params
+
+
+def assert_same_steps(run: Path, reference: Path, first_step: int = 0, steps: int = 20) -> None:
+    """Run folder `run` logged the steps of `reference` from `first_step` on (one record each, to `steps`) with the
+    same losses, grad norms and final val loss to STEP_TOL, and ended on the same weights to PARAMS_TOL."""
+    got, want = read_records(run / "metrics.jsonl"), read_records(reference / "metrics.jsonl")[first_step:]
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(first_step, steps)), run
+    for a, b in zip(got, want):
+        assert abs(a["loss"] - b["loss"]) <= STEP_TOL, (run, a["step"])
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= STEP_TOL * b["grad_norm"], (run, a["step"])
+    assert abs(got[-1]["val_loss"] - want[-1]["val_loss"]) <= STEP_TOL
+    final, ref = read_portable(run), read_portable(reference)
+    init = init_weights(ref.config.model, ref.config.run.seed)
+    assert global_rel(final.weights, ref.weights, {k: ref.weights[k] - init[k] for k in init}) <= PARAMS_TOL, run
 
 
 def check_exact_resume(backend, data_dir: Path, out: Path, same_weights: Callable) -> None:

@@ -12,10 +12,10 @@ import math
 import pytest
 
 from bench import pairwise, plain_jax, plain_torch, vs_plain
-from common.backend import load_backend
+from common.backend import DistInfo, load_backend
 from bench.workers import MAKEFILE_TUNABLES
 from common.config import dump_toml
-from common.data import DataLoader
+from common.data import loader_for
 from conftest import tiny_config, with_optim
 from parity import bench as cli
 
@@ -26,8 +26,8 @@ def first_losses(cfg, steps: int = 2) -> dict[str, list[float]]:
     """Losses of the first `steps` steps of each backend and baseline, from torch's init, on the loader's batches."""
     tb = load_backend("torch")
     weights = tb.to_common(tb.init_state(cfg, tb.setup(cfg)))
-    batches = [DataLoader(cfg.data.dir, cfg.optim.micro_batch_size, cfg.model.block_size, cfg.optim.total_batch_size,
-                          seed=cfg.run.seed, vocab_size=cfg.model.vocab_size).next_step() for _ in range(steps)]
+    loader = loader_for(cfg, DistInfo())
+    batches = [loader.next_step() for _ in range(steps)]
     losses = {}
     for name in ("torch", "jax"):
         b = load_backend(name)

@@ -160,3 +160,6 @@ def test_trainer_ends_with_the_report(tmp_path, tiny_shards, monkeypatch, capsys
 
     assert train_main(args + ["--run.out_dir", str(tmp_path / "c"), "--data.order", "foo"]) == 2
     assert capsys.readouterr().err == "error: data.order must be one of shuffled, stream, got 'foo'\n"
+
+    assert train_main(args + ["--run.out_dir", str(tmp_path / "d"), "--run.report", "false"]) == 0
+    assert not (tmp_path / "d" / "loss.png").exists() and "report:" not in capsys.readouterr().out

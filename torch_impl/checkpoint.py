@@ -31,26 +31,29 @@ _TEMP_PREFIXES = (".tmp-", ".old-")
 def save_checkpoint(state: Any, out_dir: str | os.PathLike, meta: CheckpointMeta) -> Path | None:
     """Write checkpoint meta.step of `state` (a torch_impl.train.TrainState) on the main rank, then prune to
     the run's run.keep_checkpoints plus the best val_loss. Every rank calls it; returns the folder on the
-    main rank, None on the others."""
+    main rank, None on the others. A sharded (FSDP2) state is gathered to the main rank first, so the
+    files are the same whatever the parallelism and resume on any number of ranks, sharded or not."""
     path = None
+    weights = dist.full_model_state(state.model)  # collectives when sharded: every rank takes part
+    optimizer = dist.full_optimizer_state(state.model, state.optimizer)
     if state.dist.is_main:
         train_state = {
             "step": state.step,
-            "optimizer": state.optimizer.state_dict(),
+            "optimizer": optimizer,
             "scaler": state.scaler.state_dict() if state.scaler else None,
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state(state.device) if state.device.type == "cuda" else None,
         }
-        path = _write(Path(out_dir), meta, state.model.state_dict(), train_state)
+        path = _write(Path(out_dir), meta, weights, train_state)
     dist.barrier()  # other ranks must not run ahead (or exit) while rank 0 writes
     return path
 
 
 @torch.no_grad()
 def params_finite(state: Any) -> bool:
-    """Whether every parameter is finite, on all ranks (a sum over ranks, so sharded parameters count too);
-    one flag per tensor on the device, one transfer to the host."""
-    flags = torch.stack([torch.isfinite(p).all() for p in state.model.parameters()])
+    """Whether every parameter is finite, on all ranks (each checks its own shard of a sharded parameter, the
+    counts are summed over ranks); one flag per tensor on the device, one transfer to the host."""
+    flags = torch.stack([torch.isfinite(dist.local(p)).all() for p in state.model.parameters()])
     bad = (~flags).sum().to(torch.float32)
     return float(dist.all_reduce_sum(bad)) == 0
 
@@ -61,7 +64,7 @@ def load_checkpoint(folder: str | os.PathLike, state: Any) -> Any:
     folder = Path(folder)
     saved = _read_train_state(folder)
     try:
-        state.optimizer.load_state_dict(saved["optimizer"])
+        dist.load_optimizer_state(state.model, state.optimizer, saved["optimizer"])
         if state.scaler and saved.get("scaler"):
             state.scaler.load_state_dict(saved["scaler"])
         state.step = int(saved["step"])

@@ -8,6 +8,7 @@ import torch
 
 from common.config import Config
 from common.names import decay_groups
+from torch_impl import dist
 
 
 def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
@@ -35,13 +36,15 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 def clip_by_global_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
     """torch.nn.utils.clip_grad_norm_'s rule, g · min(1, max_norm / (‖g‖ + 1e-6)), in place (max_norm 0
-    only measures); returns the pre-clip norm."""
+    only measures); returns the pre-clip norm, the same number whether the gradients are whole or
+    sharded (FSDP2)."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     total = grad_norm(grads)
+    shards = [dist.local(g) for g in grads]
     if max_norm > 0:
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        torch._foreach_mul_(grads, coef.to(grads[0].dtype))
-    return total.to(grads[0].dtype)
+        torch._foreach_mul_(shards, coef.to(shards[0].dtype))
+    return total.to(shards[0].dtype)
 
 
 def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -51,6 +54,13 @@ def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     gradient is off in the fifth digit on CPU, enough to move the clip coefficient (parity.check sees
     it). Norms of rows (a few hundred to a few thousand elements) are exact to rounding in fp32 and
     their squares are summed in float64, which costs one fp32 read of the gradients, not an fp64 copy.
+    Sharded gradients (FSDP2 shards by rows) contribute their rows' squares, and vectors their entries,
+    and dist.whole_rows gathers them, so the sum runs over the same numbers in the same order as
+    unsharded: a last-bit difference would move the clip coefficient and then every later step.
     """
-    rows = [g.reshape(g.shape[0], -1) if g.ndim > 1 else g.reshape(1, -1) for g in grads]
-    return torch.cat([torch.linalg.vector_norm(r, dim=1).double().square() for r in rows]).sum().sqrt()
+    pieces = [torch.linalg.vector_norm(dist.local(g).flatten(1), dim=1).double().square() if g.ndim > 1
+              else dist.local(g).double() for g in grads]
+    whole = dist.whole_rows(pieces, grads)
+    squares = [w if g.ndim > 1 else torch.linalg.vector_norm(w.to(g.dtype).reshape(1, -1), dim=1).double().square()
+               for w, g in zip(whole, grads)]
+    return torch.cat(squares).sum().sqrt()

@@ -41,7 +41,7 @@ class TrainState:
     cfg: Config
     dist: DistInfo
     device: torch.device
-    model: GPT  # the bare module: weights, checkpoints, sampling
+    model: GPT  # the bare module (FSDP2-sharded in place under run.parallel fsdp): weights, checkpoints, sampling
     train_model: torch.nn.Module  # compiled and/or DDP-wrapped view of `model` for the training step
     eval_model: torch.nn.Module  # compiled view without DDP (evaluation has no backward to sync)
     optimizer: torch.optim.Optimizer
@@ -62,6 +62,7 @@ def init_state(cfg: Config, dist_info: DistInfo, weights: dict[str, np.ndarray] 
     model = from_common(init_weights(cfg.model, cfg.run.seed) if weights is None else weights, cfg.model,
                         param_dtype, device, source)
     torch.manual_seed(dist.rank_seed(cfg.run.seed, dist_info, 0))
+    dist.shard_model(model, cfg, device)  # before compiling, and before the optimizer sees the parameters
     compiled = torch.compile(model) if cfg.run.compile else model
     scaler = torch.amp.GradScaler(device.type) if dist.precision(cfg.run.dtype).loss_scaling else None
     state = TrainState(cfg=cfg, dist=dist_info, device=device, model=model, train_model=dist.wrap_model(compiled, device),
@@ -74,12 +75,13 @@ def set_moments(state: TrainState, moments: dict[str, Any]) -> TrainState:
     """`state` with AdamW's m, v and step set from common-named arrays (parity.convert moves them between
     backends)."""
     step = int(moments["step"])
-    for name, p in state.model.named_parameters():
-        state.optimizer.state[p] = {
-            "step": torch.tensor(float(step)),
-            "exp_avg": torch.as_tensor(np.array(moments["m"][name], copy=True)).to(p.device, p.dtype),
-            "exp_avg_sq": torch.as_tensor(np.array(moments["v"][name], copy=True)).to(p.device, p.dtype),
-        }
+    name_of = {p: name for name, p in state.model.named_parameters()}
+    names = [name_of[p] for group in state.optimizer.param_groups for p in group["params"]]
+    slots = {i: {"step": torch.tensor(float(step)),
+                 "exp_avg": torch.as_tensor(np.array(moments["m"][name], copy=True)),
+                 "exp_avg_sq": torch.as_tensor(np.array(moments["v"][name], copy=True))} for i, name in enumerate(names)}
+    dist.load_optimizer_state(state.model, state.optimizer,
+                              {"state": slots, "param_groups": state.optimizer.state_dict()["param_groups"]})
     state.step = step
     return state
 
@@ -193,9 +195,9 @@ class TorchBackend:
             tensors = {}
             with torch.no_grad():
                 for name, p in state.model.named_parameters():
-                    g, w = p.grad.detach().double() / scale, p.detach().double()
-                    sums = torch.stack([g.sum(), g.square().sum(), w.sum(), w.square().sum()]).cpu().tolist()
-                    tensors[name] = (p.ndim, p.numel(), sums)
+                    g, w = dist.local(p.grad).detach().double() / scale, dist.local(p).detach().double()
+                    sums = torch.stack([g.sum(), g.square().sum(), w.sum(), w.square().sum()])
+                    tensors[name] = (p.ndim, p.numel(), dist.sum_over_shards(sums, p).cpu().tolist())
         finally:
             state.optimizer.zero_grad(set_to_none=True)
             torch.set_rng_state(cpu_rng)
@@ -208,7 +210,9 @@ class TorchBackend:
         return generate(state.model, prompt, num_samples, max_new_tokens, temperature, top_k, seed, state.autocast())
 
     def to_common(self, state: TrainState) -> dict[str, np.ndarray]:
-        return to_common(state.model)
+        if not dist.is_sharded(state.model):
+            return to_common(state.model)
+        return {k: v.to("cpu").numpy().copy() for k, v in dist.full_model_state(state.model, everywhere=True).items()}
 
     def save_checkpoint(self, state: TrainState, out_dir: Path, meta: CheckpointMeta) -> Path | None:
         return checkpoint.save_checkpoint(state, out_dir, meta)
@@ -238,12 +242,13 @@ class TorchBackend:
     def grads(self, state: TrainState, x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
         """The gradient train_step would clip and apply, without applying it, in the parameter dtype."""
         accumulate_gradients(state, _to_device(x, state.device), _to_device(y, state.device))
-        out = {name: p.grad.detach().to("cpu").numpy().copy() for name, p in state.model.named_parameters()}
+        out = {name: dist.full(p.grad).detach().to("cpu").numpy().copy() for name, p in state.model.named_parameters()}
         state.optimizer.zero_grad(set_to_none=True)
         return out
 
     def optimizer_moments(self, state: TrainState) -> dict[str, Any]:
-        return checkpoint.moments_of(state.optimizer.state_dict(), state.cfg, state.step)
+        return checkpoint.moments_of(dist.full_optimizer_state(state.model, state.optimizer, everywhere=True),
+                                     state.cfg, state.step)
 
 
 BACKEND = TorchBackend()
