@@ -39,6 +39,8 @@ def trainer_cases(b: str) -> list[Case]:
         Case(f"{b}-nan-lr", module, fresh(optim__max_lr="nan"), "optim.max_lr must be finite"),
         Case(f"{b}-inf-temperature", module, fresh(run__temperature="inf"), "run.temperature must be finite"),
         Case(f"{b}-bad-dtype", module, fresh(run__dtype="fp8"), "run.dtype"),
+        Case(f"{b}-unknown-parallel", module, fresh(run__parallel="tp"), "run.parallel must be one of ddp, fsdp"),
+        Case(f"{b}-fsdp-size-under-ddp", module, fresh(run__fsdp_size=2), "run.fsdp_size is 2 but run.parallel is ddp"),
         Case(f"{b}-missing-data", module, lambda w, tmp: w.train_argv(b, tmp / "out", data__dir=tmp / "nope"),
              lambda w, tmp: str(tmp / "nope")),
         Case(f"{b}-empty-data", module, lambda w, tmp: w.train_argv(b, tmp / "out", data__dir=w["empty_data"]),
