@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -49,7 +50,8 @@ def holder(folder: str | os.PathLike) -> str:
 @contextlib.contextmanager
 def hold(folder: str | os.PathLike, flag: str) -> Iterator[Path]:
     """Create `folder` and hold its lock until the block ends; FolderError naming the holder when another
-    process holds it. Only one process of a multi-process run should call this (the main one)."""
+    process holds it (a warning, and no lock, where the file system has no locks). Only one process of a
+    multi-process run should call this (the main one)."""
     folder = make_output_dir(folder, flag)
     path = folder / LOCK
     try:
@@ -62,8 +64,12 @@ def hold(folder: str | os.PathLike, flag: str) -> Iterator[Path]:
         except BlockingIOError:
             raise FolderError(f"{flag}: {folder} is in use by {holder(folder)} (lock file {path}); wait for that run "
                               f"to end or choose another {flag}") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        except OSError as e:  # a file system without locks (some network mounts): the run is not stopped for it
+            print(f"warning: {flag}: cannot lock {path} ({e.strerror}); a second run into {folder} would not be "
+                  f"refused", file=sys.stderr)
+        else:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
         yield folder
     finally:
         os.close(fd)  # releases the lock; the file stays (unlinking it would race with a waiting opener)

@@ -81,3 +81,19 @@ def test_a_second_trainer_process_exits_2_naming_the_holder(tmp_path, tiny_shard
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_file_system_without_locks_warns_and_lets_the_run_proceed(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import common.outdir
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(common.outdir.fcntl, "flock", no_locks)
+    with hold(tmp_path / "run", "run.out_dir") as folder:
+        assert folder == tmp_path / "run"
+    assert capsys.readouterr().err == (f"warning: run.out_dir: cannot lock {tmp_path / 'run' / LOCK} "
+                                       f"({os.strerror(errno.ENOLCK)}); a second run into {tmp_path / 'run'} would "
+                                       f"not be refused\n")
