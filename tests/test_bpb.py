@@ -71,5 +71,5 @@ def test_perplexity_of_a_diverged_model_is_inf_not_an_error():
 def test_val_metrics_of_a_huge_loss_report_inf_perplexity(tiny_shards):
     from common.evaluation import val_metrics
 
-    val = val_metrics(lambda x, y: np.full(y.shape, 1000.0), tiny_shards, 4, 16, 128, 256)
+    val = val_metrics(lambda x, y: np.full(y.shape, 1000.0), tiny_shards, 4, 16, 128, 256, "stream")
     assert val["val_loss"] == 1000.0 and val["perplexity"] == math.inf and val["tokens"] == 128
