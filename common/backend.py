@@ -102,6 +102,10 @@ class Backend(Protocol):
         the config's run.keep_checkpoints newest plus the best val_loss. Every process calls it; returns
         its folder (None on processes that do not write)."""
 
+    def params_finite(self, state: Any) -> bool:
+        """Whether every parameter of the whole model (all ranks' shards) is finite: checked on the device
+        before each save, so that no checkpoint holds a NaN or inf weight. Every process calls it."""
+
     def load_checkpoint(self, path: Path, cfg: Config, dist: DistInfo) -> tuple[Any, CheckpointMeta]:
         """(state, meta) from a checkpoint folder or from a run folder's newest checkpoint.
         Raises common.checkpoints.CheckpointError (message names the path) if none is readable or its

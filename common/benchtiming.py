@@ -21,6 +21,7 @@ import numpy as np
 
 from common.config import Config, ConfigError, apply_overrides, load_toml, resolve_config_path
 from common.plan import flops_per_token
+from common.usage import ExitingParser
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +64,7 @@ def apply_shape(cfg: Config, shape: str, replicas: int = 1) -> Config:
 def build_parser(prog: str, doc: str, add_backend_flags: Callable[[argparse.ArgumentParser], None]
                  ) -> argparse.ArgumentParser:
     """The flags both benches take; `add_backend_flags` adds --dtype and the backend's own after --shape."""
-    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n")[0])
+    p = ExitingParser(prog=prog, description=doc.split("\n")[0])
     p.add_argument("--config", default="default", help="preset name or TOML path (model, batch, dtype)")
     p.add_argument("--shape", choices=tuple(SHAPES), default=DEFAULT_SHAPE,
                    help="a named shape over the config's model and batch (default: the config's own)")

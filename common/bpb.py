@@ -24,7 +24,11 @@ def bits_per_byte(total_nats: float, total_bytes: int) -> float:
 
 
 def perplexity(mean_nats: float) -> float:
-    return math.exp(mean_nats)
+    """exp(mean loss); inf once that overflows a float (a loss above ~709 nats, a diverged model)."""
+    try:
+        return math.exp(mean_nats)
+    except OverflowError:
+        return math.inf
 
 
 def byte_lengths(decode_bytes: Callable[[int], bytes], vocab_size: int = VOCAB_SIZE) -> np.ndarray:

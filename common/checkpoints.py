@@ -6,10 +6,15 @@ rename, fsync of the folder): torch writes its files into a hidden temp folder a
 place, JAX lets orbax finalize its folder, and both then hold their meta.json. So a crash at any
 moment leaves either the previous set of checkpoints or the new one. What each backend stores next
 to meta.json is its own (torch_impl/checkpoint.py, jax_impl/checkpoint.py).
+
+meta.json also records the sha256 of every other file of its folder (`files`), so bytes changed on
+disk after the save (a bad disk, a partial copy) are refused by name rather than trained on:
+open_checkpoint and common/portable.py check them before any backend reads a file.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -40,6 +45,8 @@ class CheckpointMeta:
     history: list[dict[str, Any]] = field(default_factory=list)  # the metrics records so far
     code_version: str = "unknown"
     val_loss: float | None = None
+    # sha256 of every other file of the step folder by relative path; None: saved before this was recorded
+    files: dict[str, str] | None = None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1) + "\n"
@@ -130,10 +137,53 @@ def check_model_matches(path: Path, meta: CheckpointMeta, cfg: Config) -> None:
                               f"the config asks for {getattr(cfg.model, key)}")
 
 
-def open_checkpoint(path: str | os.PathLike, cfg: Config) -> tuple[Path, CheckpointMeta]:
-    """(folder, meta) of the checkpoint `path` names (see resolve), refused if its model is not cfg's."""
-    folder = resolve(path)
+def file_hashes(folder: str | os.PathLike) -> dict[str, str]:
+    """sha256 of every file under a step folder except meta.json, by POSIX path relative to it: what a save
+    records in meta.json's `files`."""
+    folder = Path(folder)
+    hashes = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        if rel in (META, META + ".tmp"):
+            continue
+        with open(path, "rb") as f:
+            hashes[rel] = hashlib.file_digest(f, "sha256").hexdigest()
+    return hashes
+
+
+def verify_files(folder: str | os.PathLike, meta: CheckpointMeta) -> None:
+    """CheckpointError naming the first file of the folder that is missing or whose bytes are not those
+    saved; a checkpoint saved before hashes were recorded (meta.files None) passes unchecked."""
+    if meta.files is None:
+        return
+    folder = Path(folder)
+    if not isinstance(meta.files, dict):
+        raise CheckpointError(f"{folder / META}: files is not an object of sha256 by file name")
+    for rel, expected in sorted(meta.files.items()):
+        path = folder / rel
+        try:
+            with open(path, "rb") as f:
+                actual = hashlib.file_digest(f, "sha256").hexdigest()
+        except OSError as e:
+            raise CheckpointError(f"{path}: checkpoint file unreadable ({e.strerror}); the checkpoint is "
+                                  f"incomplete") from None
+        if actual != expected:
+            raise CheckpointError(f"{path}: sha256 {actual[:16]}… differs from the {expected[:16]}… recorded at "
+                                  f"save; the file was changed or corrupted")
+
+
+def read_verified_meta(folder: str | os.PathLike) -> CheckpointMeta:
+    """meta.json of a complete step folder, after checking every file it records (verify_files)."""
     meta = read_meta(folder)
+    verify_files(folder, meta)
+    return meta
+
+
+def open_checkpoint(path: str | os.PathLike, cfg: Config) -> tuple[Path, CheckpointMeta]:
+    """(folder, meta) of the checkpoint `path` names (see resolve), its files verified, refused if its model
+    is not cfg's."""
+    folder = resolve(path)
+    meta = read_verified_meta(folder)
     check_model_matches(folder, meta, cfg)
     return folder, meta
 

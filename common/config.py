@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import tomllib
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from common.precision import DTYPES
+from common.usage import Parser
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = "default"
@@ -224,6 +226,11 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
 def validate(cfg: Config, world_size: int = 1) -> Config:
     """Check relations between fields; `world_size` is data-parallel ranks (or JAX devices)."""
     m, o, r = cfg.model, cfg.optim, cfg.run
+    for section, values in cfg.to_dict().items():  # NaN passes every comparison below: refused first
+        for key, value in values.items():
+            if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, tuple)
+                                                                            else (value,))):
+                raise ConfigError(f"{section}.{key} must be finite, got {value}")
     for name in ("vocab_size", "padded_vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
         if getattr(m, name) <= 0:
             raise ConfigError(f"model.{name} must be positive, got {getattr(m, name)}")
@@ -258,7 +265,8 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     if r.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"run.device must be auto, cpu or cuda, got '{r.device}'")
     for name in ("log_interval", "eval_interval", "checkpoint_interval", "sample_interval", "keep_checkpoints",
-                 "devices", "fsdp_size", "hellaswag_interval", "hellaswag_limit", "diagnostics_interval"):
+                 "devices", "fsdp_size", "hellaswag_interval", "hellaswag_limit", "diagnostics_interval",
+                 "num_samples", "sample_tokens", "top_k", "temperature"):
         if getattr(r, name) < 0:
             raise ConfigError(f"run.{name} must be ≥ 0, got {getattr(r, name)}")
     if r.parallel not in PARALLELISMS:
@@ -312,8 +320,8 @@ class Args:
 
 
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description,
-                                epilog="Any config field can be overridden: --model.n_layer 6 --run.dtype bf16 ...")
+    p = Parser(prog=prog, description=description,
+               epilog="Any config field can be overridden: --model.n_layer 6 --run.dtype bf16 ...")
     p.add_argument("--config", default=DEFAULT_CONFIG,
                    help="preset name in configs/ (default, gpt2-124m, gpt2-350m, ...) or a TOML path")
     return p

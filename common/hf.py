@@ -36,6 +36,13 @@ def config_from_hf(hf: dict, source: str, padded_vocab_size: int | None = None) 
         raise HFError(f"{source}: n_inner {hf['n_inner']} is not 4 × n_embd")
     if abs(hf.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12:
         raise HFError(f"{source}: layer_norm_epsilon {hf['layer_norm_epsilon']} is not 1e-5")
+    # Options of transformers' GPT2Config that change the function computed; both backends compute GPT-2's
+    # defaults only, so a folder with another value is refused rather than scored as something else.
+    # (reorder_and_upcast_attn changes only the precision of the attention scores: accepted.)
+    for key, gpt2 in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                      ("add_cross_attention", False)):
+        if hf.get(key, gpt2) != gpt2:
+            raise HFError(f"{source}: {key} is {json.dumps(hf[key])}; only GPT-2's {json.dumps(gpt2)} is supported")
     vocab = int(hf["vocab_size"])
     return ModelConfig(vocab_size=vocab, padded_vocab_size=padded_vocab_size or _pad_to(vocab),
                        block_size=int(hf["n_positions"]), n_layer=int(hf["n_layer"]), n_head=int(hf["n_head"]),
@@ -83,6 +90,8 @@ def load_hf_folder(path: str | os.PathLike, padded_vocab_size: int | None = None
         if name == "lm_head.weight" or name.endswith(SKIPPED_SUFFIXES):
             continue  # lm_head is tied to wte; masks are rebuilt by the model
         weights[name] = np.asarray(value, dtype=np.float32)
+    if hf_cfg.get("tie_word_embeddings", True) is not True:
+        _check_untied_head(raw, weights, cfg_path, st_path)
     if "wte.weight" in weights and cfg.padded_vocab_size > cfg.vocab_size:
         wte = weights["wte.weight"]
         pad = np.zeros((cfg.padded_vocab_size - wte.shape[0], wte.shape[1]), dtype=np.float32)
@@ -92,6 +101,18 @@ def load_hf_folder(path: str | os.PathLike, padded_vocab_size: int | None = None
     except ValueError as e:
         raise HFError(str(e)) from None
     return cfg, weights
+
+
+def _check_untied_head(raw: dict, weights: dict[str, np.ndarray], cfg_path: Path, st_path: Path) -> None:
+    """A folder with tie_word_embeddings false computes its logits with its own lm_head.weight; our models
+    tie the head to wte, so such a folder is read only when its head equals wte."""
+    head = raw.get("lm_head.weight")
+    wte = weights.get("wte.weight")
+    if head is None:
+        raise HFError(f"{cfg_path}: tie_word_embeddings is false but {st_path.name} holds no lm_head.weight")
+    if wte is None or head.shape != wte.shape or not np.array_equal(np.asarray(head, np.float32), wte):
+        raise HFError(f"{cfg_path}: tie_word_embeddings is false and lm_head.weight differs from wte.weight; "
+                      f"only GPT-2's tied head is supported")
 
 
 def save_hf_folder(path: str | os.PathLike, cfg: ModelConfig, weights: dict[str, np.ndarray]) -> Path:

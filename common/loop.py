@@ -11,6 +11,8 @@ samples, diagnostics, checkpoints and the end), where every pending step gets it
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import os
 import sys
@@ -20,12 +22,14 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from common.backend import Backend, DistInfo
-from common.checkpoints import CheckpointError, CheckpointMeta, check_model_matches, code_version, latest_checkpoint
+from common.checkpoints import (CheckpointError, CheckpointMeta, check_model_matches, code_version, latest_checkpoint,
+                                read_meta, resolve)
 from common.cli import INPUT_ERRORS
 from common.config import Config, ConfigError, DataConfig, build_parser, parse_args, validate
 from common.data import DataError, loader_for, val_batches_for
 from common.hellaswag import HellaSwagError, load_examples
 from common.loggers import Sinks, open_sinks
+from common.outdir import hold
 from common.plan import flops_per_token, plan_lines
 from common.records import MetricsLog, format_line
 from common.report import write_run_report
@@ -75,12 +79,18 @@ def ensure_data(cfg: Config, log: Callable[..., None]) -> None:
             time.sleep(1)
 
 
-def _check_resumable(saved: CheckpointMeta, cfg: Config, path: Path) -> None:
+def _check_resumable(saved: CheckpointMeta, cfg: Config, path: Path) -> list[str]:
+    """Refuse a checkpoint this config cannot continue; returns the optimizer fields it continues with
+    changed ("optim.max_steps 10 → 20"): each makes the run differ from a straight one, so is named."""
     check_model_matches(path, saved, cfg)
     saved_cfg = saved.run_config(path)
     if saved_cfg.optim.total_batch_size != cfg.optim.total_batch_size:
         raise CheckpointError(f"{path}: cannot resume with a different optim.total_batch_size "
                               f"(checkpoint {saved_cfg.optim.total_batch_size}, config {cfg.optim.total_batch_size})")
+    # micro_batch_size only splits the same batch differently (accumulation), so it may change unnamed.
+    return [f"optim.{f.name} {getattr(saved_cfg.optim, f.name)} → {getattr(cfg.optim, f.name)}"
+            for f in dataclasses.fields(cfg.optim)
+            if f.name != "micro_batch_size" and getattr(saved_cfg.optim, f.name) != getattr(cfg.optim, f.name)]
 
 
 def _sample_texts(backend: Backend, state: Any, cfg: Config) -> list[str]:
@@ -130,13 +140,20 @@ def _eta(seconds: float) -> str:
 
 
 def train(backend: Backend, cfg: Config, resume: str | None = None, log: Callable[..., None] = print) -> TrainResult:
-    """Run (or continue) training as configured; see the module docstring."""
+    """Run (or continue) training as configured; see the module docstring. The main process holds
+    run.out_dir's lock throughout (common/outdir.py): a second run into the same folder is refused."""
     dist = backend.setup(cfg)
     cfg = validate(cfg, dist.data_parallel_size)
     say = log if dist.is_main else (lambda *a, **k: None)
     _check_hellaswag(cfg)
     ensure_data(cfg, say)
     out_dir = resolve_out_dir(cfg, backend)
+    with hold(out_dir, "run.out_dir") if dist.is_main else contextlib.nullcontext():
+        return _train(backend, cfg, dist, out_dir, resume, say)
+
+
+def _train(backend: Backend, cfg: Config, dist: DistInfo, out_dir: Path, resume: str | None,
+           say: Callable[..., None]) -> TrainResult:
     o, r = cfg.optim, cfg.run
     loader = loader_for(cfg, dist)
 
@@ -149,8 +166,16 @@ def train(backend: Backend, cfg: Config, resume: str | None = None, log: Callabl
         path = out_dir if resume == "latest" else Path(resume)
         if resume == "latest" and latest_checkpoint(out_dir) is None:
             raise CheckpointError(f"{out_dir}: no checkpoint to resume from")
+        folder = resolve(path)
+        if (saved_by := read_meta(folder).backend) != backend.name:
+            raise CheckpointError(f"{folder}: a {saved_by} checkpoint; `python -m parity.convert {folder} DST --to "
+                                  f"{backend.name}` makes a {backend.name} one to resume from")
         state, meta = backend.load_checkpoint(path, cfg, dist)
-        _check_resumable(meta, cfg, path)
+        changed = _check_resumable(meta, cfg, path)
+        if changed and dist.is_main:
+            print(f"warning: resuming {path} with changed optimizer settings: {', '.join(changed)} (checkpoint → "
+                  f"now); the lr schedule and updates from step {meta.step} on differ from the run that saved it",
+                  file=sys.stderr)
         start, history = meta.step, list(meta.history)
         if meta.loader:
             loader.load_state_dict(meta.loader)
@@ -277,6 +302,11 @@ def train(backend: Backend, cfg: Config, resume: str | None = None, log: Callabl
             for text in _sample_texts(backend, state, cfg):
                 say(f"sample> {text!r}")
         if do_checkpoint:
+            if not backend.params_finite(state):
+                good = latest_checkpoint(out_dir)
+                raise NonFiniteError(f"step {step}: the parameters after it are not finite (loss and grad norm "
+                                     f"were); checkpoint {done} not written; training stopped (last good "
+                                     f"checkpoint: {good if good else 'none'})")
             meta = CheckpointMeta(step=done, backend=backend.name, config=cfg.to_dict(), loader=loader.state_dict(),
                                   history=list(history), code_version=code_version(), val_loss=rec.get("val_loss"))
             checkpoint = backend.save_checkpoint(state, out_dir, meta) or checkpoint

@@ -15,6 +15,7 @@ from common.config import (PARALLELISMS, Config, ConfigError, ModelConfig, build
                            parse_args, shard_group_size, validate)
 from common.names import param_shapes
 from common.precision import PRECISIONS
+from common.usage import UsageError
 
 _BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 GIB = 2 ** 30
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             pass
         print("\n".join(plan_lines(cfg, world, train_tokens) + memory_lines(cfg, world, args.extra["device_memory"])))
         return 0
-    except ConfigError as e:
+    except (ConfigError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

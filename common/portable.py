@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from common.backend import BACKENDS
-from common.checkpoints import CheckpointError, CheckpointMeta, read_meta, resolve, step_of
+from common.checkpoints import CheckpointError, CheckpointMeta, read_verified_meta, resolve, step_of
 from common.config import Config
 from common.hf import is_hf_folder, load_hf_folder
 
@@ -54,7 +54,7 @@ def read_portable(path: str | os.PathLike, moments: bool = False) -> Portable:
             raise
         raise CheckpointError(f"{path}: neither a checkpoint (no meta.json), a run folder nor a Hugging Face "
                               f"GPT-2 folder") from None
-    meta = read_meta(folder)
+    meta = read_verified_meta(folder)
     if meta.backend not in BACKENDS:
         raise CheckpointError(f"{folder / 'meta.json'}: unknown backend {meta.backend!r}")
     cfg = meta.run_config(folder / "meta.json")

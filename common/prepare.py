@@ -28,9 +28,11 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from common.cli import INPUT_ERRORS, Parser
+from common.outdir import make_output_dir
 from common.shards import MAGIC, VERSION, ShardError, write_shard
-from common.sources import (Document, PrepareError, hf_documents, input_documents, read_document,
-                            stdlib_documents)
+from common.sources import (Document, PrepareError, describe, hf_documents, input_documents, read_document,
+                            stdlib_documents, undecodable_warning)
 from common.tokenizer import EOT, VOCAB_SIZE, get_tokenizer
 
 MANIFEST = "manifest.json"
@@ -44,6 +46,9 @@ CHUNK_CHARS = 1 << 20  # per worker task: big enough to amortise IPC, small enou
 # corpus's first --val-tokens tokens and documents kept their input order.
 SPLIT_RULE = "random-documents"
 VAL_POOL = 4  # unshuffled sources: the val documents are drawn from the first VAL_POOL × val_tokens tokens
+# A file whose bytes are at least this share not UTF-8 (each run decoded to U+FFFD) is named in a warning:
+# likely binary or in another encoding, its tokens are mostly replacement characters.
+UNDECODABLE_SHARE = 0.01
 
 
 # ---- tokenizing -------------------------------------------------------------------------------
@@ -60,14 +65,18 @@ def _chunks(documents: Iterable[Document]) -> Iterator[list[Document]]:
         yield chunk
 
 
-def _encode_chunk(chunk: list[Document]) -> tuple[np.ndarray, np.ndarray]:
-    """EOT + tokens of each document, concatenated, as uint16 (a cheap array to send back), and the
-    documents' lengths in tokens (EOT included)."""
+def _encode_chunk(chunk: list[Document]) -> tuple[np.ndarray, np.ndarray, list[tuple[str, float]]]:
+    """EOT + tokens of each document, concatenated, as uint16 (a cheap array to send back), the documents'
+    lengths in tokens (EOT included), and (file, share of its bytes) for files that are largely not UTF-8."""
     tok = get_tokenizer()
-    pieces = []
+    pieces, undecodable = [], []
     for doc in chunk:
-        pieces += [np.array([EOT], dtype=np.uint32), tok.encode_array(read_document(doc))]
-    return np.concatenate(pieces).astype(np.uint16), np.array([p.size for p in pieces[1::2]], dtype=np.int64) + 1
+        text, share = read_document(doc)
+        if share >= UNDECODABLE_SHARE:
+            undecodable.append((str(doc), share))
+        pieces += [np.array([EOT], dtype=np.uint32), tok.encode_array(text)]
+    lengths = np.array([p.size for p in pieces[1::2]], dtype=np.int64) + 1
+    return np.concatenate(pieces).astype(np.uint16), lengths, undecodable
 
 
 def _pool_context() -> multiprocessing.context.BaseContext:
@@ -208,6 +217,7 @@ def prepare(documents: Iterable[Document], out_dir: str | Path, name: str, shard
     held = _Held(out_dir / f"{name}.documents.tmp")
     held_limit = None if shuffle else VAL_POOL * val_tokens
     split = None  # the manifest's record of the split, once drawn
+    text_tokens, undecodable = 0, []
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
         if workers == 1:
@@ -215,10 +225,13 @@ def prepare(documents: Iterable[Document], out_dir: str | Path, name: str, shard
         else:
             pool = stack.enter_context(_pool_context().Pool(workers))
             encoded = pool.imap(_encode_chunk, _chunks(documents))
-        bar = stack.enter_context(tqdm(unit="tok", unit_scale=True, desc=f"tokenizing {name}", disable=not verbose,
-                                       file=sys.stderr, mininterval=0.5))
+        # disable=None: no bar when stderr is not a terminal, so a log or an error holds whole lines only
+        bar = stack.enter_context(tqdm(unit="tok", unit_scale=True, desc=f"tokenizing {name}",
+                                       disable=None if verbose else True, file=sys.stderr, mininterval=0.5))
         try:
-            for tokens, lengths in encoded:
+            for tokens, lengths, bad_files in encoded:
+                text_tokens += tokens.size - lengths.size  # all but each document's EOT
+                undecodable += bad_files
                 if split is not None:
                     writer.add(tokens)
                 else:
@@ -226,10 +239,13 @@ def prepare(documents: Iterable[Document], out_dir: str | Path, name: str, shard
                     if held_limit is not None and held.tokens >= held_limit:
                         split = held.place(writer, val_tokens, seed, shuffle)
                 bar.update(tokens.size)
+            if not text_tokens:
+                raise PrepareError(f"{describe(source)}: no text to tokenize (every document is empty)")
             if split is None:
                 split = held.place(writer, val_tokens, seed, shuffle)
             writer.close()
         except (PrepareError, ShardError):
+            bar.leave = False  # on a terminal: the bar's line is cleared, so the error stands alone
             _clear(out_dir, name)
             raise
         finally:
@@ -255,8 +271,11 @@ def prepare(documents: Iterable[Document], out_dir: str | Path, name: str, shard
     if verbose:
         rate = totals["tokens"] / max(seconds, 1e-9)
         print(f"{out_dir}: {_stats(manifest)} in {seconds:.1f} s ({rate:,.0f} tokens/s)")
+    if undecodable:
+        print(undecodable_warning(undecodable), file=sys.stderr)
     if not totals["train_tokens"]:
-        print(f"{out_dir}: warning: no train shard, the corpus is smaller than --val-tokens ({val_tokens})")
+        print(f"{out_dir}: warning: no train shard, the corpus is smaller than --val-tokens ({val_tokens})",
+              file=sys.stderr)
     return manifest
 
 
@@ -326,7 +345,7 @@ def _derived_name(text: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m common.prepare", description=__doc__.splitlines()[0])
+    ap = Parser(prog="python -m common.prepare", description=__doc__.splitlines()[0])
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--input", nargs="+", metavar="PATH", help=".txt/.jsonl/.parquet files or folders of them")
     src.add_argument("--hf", metavar="NAME", help="a Hugging Face dataset, streamed with `datasets`")
@@ -344,8 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "no for --hf, whose datasets such as FineWeb are shuffled already)")
     ap.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the document order and the val sample")
     ap.add_argument("--force", action="store_true", help="redo even if the folder has a manifest")
-    args = ap.parse_args(argv)
     try:
+        args = ap.parse_args(argv)
         if args.input:
             paths = [Path(p) for p in args.input]
             for p in paths:
@@ -363,10 +382,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             documents, name, source = stdlib_documents(), args.name or "stdlib", _stdlib_source()
         default_val = STDLIB_VAL_TOKENS if not (args.input or args.hf) else DEFAULT_VAL_TOKENS
         out = Path(args.out or (DEFAULT_FOLDER if name == "stdlib" and not (args.input or args.hf) else f"data/{name}"))
+        make_output_dir(out, "--out")
         _prepare_once(out, args.force, documents=documents, name=name, shard_size=args.shard_size,
                       val_tokens=default_val if args.val_tokens is None else args.val_tokens, workers=args.workers,
                       source=source, shuffle=not args.hf if args.shuffle is None else args.shuffle, seed=args.seed)
-    except (PrepareError, ShardError) as e:
+    except INPUT_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

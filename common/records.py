@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 class MetricsLog:
-    """Appends records to `path`; on resume, lines past the resumed step are dropped first."""
+    """Appends records to `path`. On resume the file is first rewritten (atomically) to the records before
+    the resumed step, each step once: records a run wrote past its last checkpoint go, and so does a torn
+    last line, what a process killed mid-write leaves."""
 
     def __init__(self, path: str | Path, resume_step: int | None = None):
         self.path = Path(path)
@@ -23,8 +26,13 @@ class MetricsLog:
         if resume_step is None:
             self.path.write_text("")
         elif self.path.exists():
-            kept = [r for r in read_records(self.path) if r.get("step", -1) < resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            kept = {}
+            for r in read_records(self.path, drop_torn_tail=True):
+                if r["step"] < resume_step:
+                    kept[r["step"]] = r  # a step written twice (a resume of an older version): the newer
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(json.dumps(kept[s]) + "\n" for s in sorted(kept)))
+            os.replace(tmp, self.path)
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
@@ -38,13 +46,18 @@ class RecordsError(ValueError):
 REQUIRED = ("step", "loss")
 
 
-def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl, validated line by line (each a JSON object with a numeric step and loss)."""
+def read_records(path: str | Path, drop_torn_tail: bool = False) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl, validated line by line (each a JSON object with a numeric step and loss).
+
+    `drop_torn_tail` skips a last line that is not valid JSON and lacks its newline: the record a writer was
+    killed in the middle of (resume drops it; a reader of a finished run should not meet one).
+    """
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_bytes().decode("utf-8", errors="replace" if drop_torn_tail else "strict")
     except (OSError, UnicodeDecodeError) as e:
         raise RecordsError(f"{path}: cannot read: {getattr(e, 'strerror', None) or e}") from None
+    lines = text.splitlines()
     records = []
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
@@ -52,6 +65,8 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
+            if drop_torn_tail and lineno == len(lines) and not text.endswith("\n"):
+                break
             raise RecordsError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(rec, dict):
             raise RecordsError(f"{path}:{lineno}: expected a JSON object per line")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from common.records import RecordsError, read_records
+from common.usage import Parser, UsageError
 
 METRICS_FILE = "metrics.jsonl"
 WARMUP_STEPS = 2  # the first steps include compilation; excluded from throughput, as in common/loop.py
@@ -319,8 +320,7 @@ def write_run_report(run_dir: str | Path, log: Callable[[str], None] = print) ->
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m common.report",
-                                description="Plot and summarize training runs from their metrics.jsonl.")
+    p = Parser(prog="python -m common.report", description="Plot and summarize training runs from their metrics.jsonl.")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folder holding metrics.jsonl, or a metrics.jsonl path")
     p.add_argument("--out", help="folder for the PNGs (default: the run's folder for one run, ./report for several)")
     p.add_argument("--target", type=float, help="val loss to draw as a line and report the first step reaching it")
@@ -329,8 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         labels: list[str | None] = [None] * len(args.runs)
         if args.labels is not None:
             labels = [s.strip() for s in args.labels.split(",")]
@@ -341,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for run in runs:
             print("\n".join(summary_lines(run, args.target)))
         paths = write_plots(runs, out, args.target)
-    except RecordsError as e:
+    except (RecordsError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # an --out that cannot be created or written

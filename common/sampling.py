@@ -8,6 +8,7 @@ so the two CLIs behave alike. Both read either backend's checkpoints and Hugging
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Any, Callable, Iterable, Sequence, TextIO
 
@@ -38,6 +39,8 @@ def check(args: argparse.Namespace) -> None:
                              ("--top-k", args.top_k, 0)):
         if value < low:
             raise UsageError(f"{flag} must be ≥ {low}, got {value}")
+    if not math.isfinite(args.temperature):
+        raise UsageError(f"--temperature must be a finite number, got {args.temperature}")
     if args.temperature < 0:
         raise UsageError(f"--temperature must be ≥ 0, got {args.temperature}")
 

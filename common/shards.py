@@ -114,9 +114,10 @@ def read_shard(path: str | os.PathLike, vocab_size: int | None = None, check_ids
         tokens = np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(header.num_tokens,))
     limit = min(header.vocab_size, vocab_size) if vocab_size else header.vocab_size
     if check_ids and tokens.size:
-        top = int(tokens.max())
-        if top >= limit or (tokens.dtype.kind == "i" and int(tokens.min()) < 0):
-            raise ShardError(f"{path}: token id {top} is out of range for vocab size {limit}")
+        top, low = int(tokens.max()), int(tokens.min()) if tokens.dtype.kind == "i" else 0
+        if top >= limit or low < 0:
+            raise ShardError(f"{path}: token id {low if low < 0 else top} is out of range for vocab size {limit} "
+                             f"(ids must be in [0, {limit}))")
     return tokens
 
 

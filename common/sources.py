@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sysconfig
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -108,12 +109,38 @@ def hf_documents(name: str, config: str | None, split: str, text_field: str = "t
         yield row[text_field]
 
 
-def read_document(doc: Document) -> str:
+_ESCAPED = re.compile("[\udc80-\udcff]")  # how surrogateescape decoding marks each byte that is not UTF-8
+
+
+def read_document(doc: Document) -> tuple[str, float]:
+    """The text of a document and the share of its bytes that were not UTF-8 (each run of them became U+FFFD)."""
     if isinstance(doc, str):
-        return doc
+        return doc, 0.0
     try:
-        return doc.read_bytes().decode("utf-8", errors="replace")  # bytes, not read_text: keep \r\n as is
+        raw = doc.read_bytes()  # bytes, not read_text: keep \r\n as is
     except OSError as e:
         raise PrepareError(f"{doc}: cannot read: {e.strerror}") from None
+    try:
+        return raw.decode("utf-8"), 0.0
+    except UnicodeDecodeError:
+        bad = len(_ESCAPED.findall(raw.decode("utf-8", errors="surrogateescape")))
+        return raw.decode("utf-8", errors="replace"), bad / len(raw)
+
+
+def undecodable_warning(files: list[tuple[str, float]]) -> str:
+    """The one warning line naming files that are largely not UTF-8: (path, share of its bytes)."""
+    named = ", ".join(f"{f} ({share:.0%} of its bytes)" for f, share in files[:3])
+    more = f" and {len(files) - 3} more" if len(files) > 3 else ""
+    return (f"warning: {len(files)} input file(s) are largely not UTF-8 text (binary, or another encoding); their "
+            f"undecodable bytes became U+FFFD: {named}{more}")
+
+
+def describe(source: str | dict) -> str:
+    """The input a preparation read (common.prepare's manifest "source"), for messages."""
+    if isinstance(source, dict) and source.get("kind") == "files":
+        return ", ".join(source["inputs"])
+    if isinstance(source, dict) and source.get("kind") == "huggingface":
+        return source["dataset"]
+    return "the corpus"
 
 

@@ -54,8 +54,14 @@ class GPT2Tokenizer:
         return self.encoding.encode_ordinary_batch(list(texts), num_threads=num_threads or os.cpu_count() or 1)
 
     def encode_array(self, text: str) -> np.ndarray:
-        """`encode` as uint32 numpy, skipping the Python int list (data preparation's hot path)."""
-        return self.encoding.encode_to_numpy(text, disallowed_special=())
+        """`encode` as uint32 numpy, skipping the Python int list (data preparation's hot path). A lone
+        surrogate (JSON allows "\\ud800") becomes U+FFFD, as tiktoken's `encode` does it; its numpy path
+        would raise UnicodeEncodeError instead."""
+        try:
+            return self.encoding.encode_to_numpy(text, disallowed_special=())
+        except UnicodeEncodeError:
+            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+            return self.encoding.encode_to_numpy(text, disallowed_special=())
 
     def decode(self, ids: Iterable[int]) -> str:
         """Never raises on ids: padded-vocab ids (>= 50257) a model may sample become U+FFFD."""

@@ -9,7 +9,10 @@ next save. Saves are synchronous, so that what the loop resumes from is exactly 
 """
 from __future__ import annotations
 
+import inspect
+import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +22,8 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from common.checkpoints import (CHECKPOINT_SUBDIR, CheckpointError, CheckpointMeta, read_meta, retained_steps,
-                                step_dir_name, write_meta)
+from common.checkpoints import (CHECKPOINT_SUBDIR, CheckpointError, CheckpointMeta, file_hashes, read_meta,
+                                retained_steps, step_dir_name, write_meta)
 from common.config import Config
 from common.precision import PRECISIONS
 from jax_impl import dist
@@ -44,8 +47,8 @@ def save_checkpoint(state: Any, out_dir: str | os.PathLike, meta: CheckpointMeta
             params=ocp.args.StandardSave(state.params), opt_state=ocp.args.StandardSave(state.opt_state),
             rng=ocp.args.StandardSave({"key": state.rng})), force=True)
         manager.wait_until_finished()
-        if jax.process_index() == 0:
-            write_meta(target, meta)
+        if jax.process_index() == 0:  # every file orbax wrote, whichever process wrote it, is hashed
+            write_meta(target, meta.replace(files=file_hashes(target)))
         # Every process takes the same decision (manager.delete is collective); this also removes
         # finalized folders that never got their meta.json.
         keep = retained_steps(out_dir, meta)
@@ -55,6 +58,17 @@ def save_checkpoint(state: Any, out_dir: str | os.PathLike, meta: CheckpointMeta
     finally:
         manager.close()
     return target
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(tree)]))
+
+
+def params_finite(state: Any) -> bool:
+    """Whether every parameter is finite: one reduction on the devices (over the whole array, however it is
+    sharded), one scalar to the host."""
+    return bool(_all_finite(state.params).addressable_data(0))
 
 
 def load_checkpoint(folder: str | os.PathLike, state: Any) -> Any:
@@ -82,6 +96,40 @@ def read_moments(folder: str | os.PathLike, cfg: Config) -> dict[str, Any]:
             "v": to_common(optax.tree.get(restored, "nu"))}
 
 
+class _Expected(logging.Filter):
+    """Drops orbax's warning about a step folder without its metadata file: a save killed before orbax
+    finalized it leaves one, which the next save deletes (see the module docstring)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Metadata file does not exist")
+
+
+logging.getLogger("absl").addFilter(_Expected())
+
+
+def _silence_aftermath() -> None:
+    """After a failed restore, tensorstore reads still in flight finish on orbax's closed event loop and each
+    prints a traceback ('Event loop is closed', 'Exception ignored in: <coroutine …>') after the one error
+    line; those, and only those, are dropped for the rest of the process."""
+    if getattr(sys.excepthook, "_drops_orbax_aftermath", False):
+        return
+    except_hook, unraisable_hook = sys.excepthook, sys.unraisablehook
+
+    def aftermath(exc: BaseException | None, obj: Any = None) -> bool:
+        return (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed") or inspect.iscoroutine(obj)
+
+    def excepthook(kind, value, tb):
+        if not aftermath(value):
+            except_hook(kind, value, tb)
+
+    def unraisablehook(unraisable):
+        if not aftermath(unraisable.exc_value, unraisable.object):
+            unraisable_hook(unraisable)
+
+    excepthook._drops_orbax_aftermath = True
+    sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+
+
 def _manager(folder: Path) -> ocp.CheckpointManager:
     # step_prefix + fixed length 8 gives common.checkpoints.step_dir_name's "step_00000100".
     options = ocp.CheckpointManagerOptions(step_prefix="step", step_format_fixed_length=8, create=True,
@@ -104,6 +152,7 @@ def _restore(path: Path, abstract: dict[str, Any]) -> dict[str, Any]:
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
             restored = ckptr.restore(path.resolve(), args=ocp.args.Composite(**args))
     except Exception as e:  # orbax/tensorstore raise many types for missing or corrupt files
+        _silence_aftermath()
         first = (str(e).splitlines() or [""])[0][:300]
         raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {first})") from None
     return {name: restored[name] for name in abstract}

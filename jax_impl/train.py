@@ -286,6 +286,9 @@ class JaxBackend:
     def save_checkpoint(self, state: TrainState, out_dir: Path, meta: CheckpointMeta) -> Path:
         return checkpoint.save_checkpoint(state, out_dir, meta)
 
+    def params_finite(self, state: TrainState) -> bool:
+        return checkpoint.params_finite(state)
+
     def load_checkpoint(self, path: Path, cfg: Config, dist_info: DistInfo) -> tuple[TrainState, CheckpointMeta]:
         folder, meta = open_checkpoint(path, cfg)
         return checkpoint.load_checkpoint(folder, self.runtime(cfg).abstract_state()), meta

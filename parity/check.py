@@ -22,10 +22,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from common.cli import INPUT_ERRORS
+from common.cli import INPUT_ERRORS, Parser
 from common.config import ConfigError, apply_overrides, load_toml, resolve_config_path, validate
 from common.data import DataLoader
 from common.loop import ensure_data
+from common.outdir import make_output_dir
 from parity.compare import (TOLERANCES, Pair, Tolerances, global_rel, load_backends, make_loader, max_abs,
                             start_pair, tensor_diffs, worst)
 from parity.suite import run_suite
@@ -156,18 +157,20 @@ def build_config(args: argparse.Namespace, overrides: list[str]):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m parity.check", description=__doc__.splitlines()[0],
-                                epilog="Config fields can be overridden: --model.n_layer 3 ...")
+    p = Parser(prog="python -m parity.check", description=__doc__.splitlines()[0],
+               epilog="Config fields can be overridden: --model.n_layer 3 ...")
     p.add_argument("--steps", type=int, default=50, help="optimizer steps to compare (also sets optim.max_steps)")
     p.add_argument("--config", default="parity", help="preset name or TOML path (default: configs/parity.toml)")
     p.add_argument("--dtype", choices=sorted(TOLERANCES), default="fp32")
     p.add_argument("--json", type=Path, help="write the full report here")
     p.add_argument("--suite", action="store_true",
                    help="also check accumulation on/off, 1 vs 2 replicas (ddp and fsdp) and checkpoint round trips")
-    args, overrides = p.parse_known_args(argv)
     try:
+        args, overrides = p.parse_known_args(argv)
         if args.steps < 1:
             raise ConfigError(f"--steps must be ≥ 1, got {args.steps}")
+        if args.json:
+            make_output_dir(args.json.parent, "--json")
         cfg = build_config(args, overrides)
         ensure_data(cfg, print)
         report = run_check(cfg, args.steps, TOLERANCES[args.dtype])

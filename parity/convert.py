@@ -8,16 +8,17 @@ transposes, so torch → JAX → torch is bit-identical.
 """
 from __future__ import annotations
 
-import argparse
+import contextlib
 import dataclasses
 import sys
 from pathlib import Path
 
 from common.backend import load_backend
 from common.checkpoints import CheckpointMeta
-from common.cli import INPUT_ERRORS
+from common.cli import INPUT_ERRORS, Parser
 from common.config import ConfigError
 from common.hf import save_hf_folder
+from common.outdir import hold, make_output_dir
 from common.portable import BACKENDS, Portable, read_portable
 
 
@@ -41,19 +42,23 @@ def write_portable(p: Portable, dst: str | Path, target: str) -> Path:
     return backend.save_checkpoint(state, dst, meta.replace(step=p.step, backend=target, config=p.config.to_dict()))
 
 
-def convert(src: str | Path, dst: str | Path, target: str) -> Path:
-    return write_portable(read_portable(src, moments=target != "hf"), dst, target)
+def convert(src: str | Path, dst: str | Path, target: str) -> tuple[Portable, Path]:
+    """Read `src` and write it as `target` at `dst`, a run folder held under its lock as a training run holds
+    it (common/outdir.py): (what was read, the folder written)."""
+    make_output_dir(dst, "DST")
+    portable = read_portable(src, moments=target != "hf")
+    with hold(dst, "DST") if target != "hf" else contextlib.nullcontext():
+        return portable, write_portable(portable, dst, target)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m parity.convert", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m parity.convert", description=__doc__.splitlines()[0])
     p.add_argument("src", type=Path, help="torch or JAX checkpoint / run folder, or a HF GPT-2 folder")
     p.add_argument("dst", type=Path, help="run folder to write the checkpoint into (for --to hf: the HF folder)")
     p.add_argument("--to", required=True, choices=("torch", "jax", "hf"))
-    args = p.parse_args(argv)
     try:
-        portable = read_portable(args.src, moments=args.to != "hf")
-        out = write_portable(portable, args.dst, args.to)
+        args = p.parse_args(argv)
+        portable, out = convert(args.src, args.dst, args.to)
         moved = "weights + optimizer state" if portable.moments and args.to != "hf" else "weights"
         print(f"{portable.kind} {args.src} → {args.to} {out} (step {portable.step}, {moved})")
         return 0

@@ -70,3 +70,11 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def fault_world(tiny_shards, tmp_path_factory):
+    """What the fault suite's cases point at (tests/faults.py), built once per session."""
+    from faults import build_world
+
+    return build_world(tmp_path_factory.mktemp("fault-world"), tiny_shards)

@@ -193,6 +193,29 @@ def state_after_a_non_finite_loss(backend, poison: Callable, data_dir: Path, out
     return state
 
 
+class PoisonedAfter(PoisonedAt):
+    """`backend`, with `poison(state) -> state` applied to the state optimizer step `at` returns (its loss and grad
+    norm stay finite: an update that made the weights non-finite)."""
+
+    def train_step(self, state, x, y):
+        state, metrics = self.backend.train_step(state, x, y)
+        return (self.poison(state) if int(state.step) == self.at + 1 else state), metrics
+
+
+def check_non_finite_weights_are_never_saved(backend, poison: Callable, data_dir: Path, out: Path):
+    """Weights poisoned right after step 3: checkpoint 4 is refused before a byte is written, the run stops naming
+    step 2's checkpoint, and that checkpoint loads; returns its state."""
+    cfg = with_run(twenty_step_config(data_dir, out), checkpoint_interval=2, eval_interval=0)
+    with pytest.raises(NonFiniteError, match=r"^step 3: the parameters after it are not finite .*checkpoint 4 not "
+                                             r"written; .*last good checkpoint: .*step_00000002\)$"):
+        train(PoisonedAfter(backend, 3, poison), cfg, log=quiet)
+    assert [c.name for c in (out / "checkpoints").iterdir()] == ["step_00000002"]  # no temp folder either
+    assert [r["step"] for r in read_records(out / "metrics.jsonl")] == [0, 1, 2, 3]
+    state, saved = backend.load_checkpoint(out, cfg, backend.setup(cfg))
+    assert saved.step == 2 and backend.params_finite(state)
+    return state
+
+
 def saver_script(train_module: str, fill_state: str = "") -> str:
     """A script that saves SAVER_MODEL's checkpoint into argv[1] again and again, printing each step saved;
     `fill_state` is code run on `state` first."""

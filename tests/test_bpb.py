@@ -60,3 +60,16 @@ def test_custom_decode_bytes_and_out_of_range_ids():
         utf8_bytes_of_targets([HELLO, 50300])
     with pytest.raises(ValueError, match="target ids"):
         utf8_bytes_of_targets([-1])
+
+
+def test_perplexity_of_a_diverged_model_is_inf_not_an_error():
+    assert perplexity(709.0) == pytest.approx(math.exp(709.0))
+    assert perplexity(710.0) == math.inf and perplexity(1e6) == math.inf
+    assert math.isnan(perplexity(math.nan))
+
+
+def test_val_metrics_of_a_huge_loss_report_inf_perplexity(tiny_shards):
+    from common.evaluation import val_metrics
+
+    val = val_metrics(lambda x, y: np.full(y.shape, 1000.0), tiny_shards, 4, 16, 128, 256, "stream")
+    assert val["val_loss"] == 1000.0 and val["perplexity"] == math.inf and val["tokens"] == 128

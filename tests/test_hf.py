@@ -65,3 +65,54 @@ def test_bad_folders_name_the_file(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(HFError, match="config.json: model_type is 'llama'"):
         load_hf_folder(tmp_path)
+
+
+def variant(hf_model, **change):
+    """hf_model's weights under a config with `change`: a model transformers computes differently."""
+    cfg = transformers.GPT2Config(**{**hf_model.config.to_dict(), **change})
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    model.load_state_dict(hf_model.state_dict(), strict=False)
+    return model
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(torch.arange(16).reshape(1, 16)).logits
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx is true; only GPT-2's false"),
+    ({"scale_attn_weights": False}, "scale_attn_weights is false; only GPT-2's true"),
+    ({"activation_function": "relu"}, "activation_function 'relu' is not GPT-2's tanh GELU"),
+    ({"layer_norm_epsilon": 1e-2}, "layer_norm_epsilon 0.01 is not 1e-5"),
+])
+def test_config_options_that_change_the_function_are_refused_naming_the_field(hf_model, tmp_path, change, message):
+    other = variant(hf_model, **change)
+    assert (logits(other) - logits(hf_model)).abs().max() > 1e-4  # transformers computes something else
+    other.save_pretrained(tmp_path)
+    with pytest.raises(HFError, match=f"config.json: {message}"):
+        load_hf_folder(tmp_path)
+
+
+def test_an_untied_head_is_refused_unless_it_equals_wte(hf_model, tmp_path):
+    untied = variant(hf_model, tie_word_embeddings=False)
+    with torch.no_grad():
+        untied.lm_head.weight.normal_()
+    assert (logits(untied) - logits(hf_model)).abs().max() > 1e-2
+    untied.save_pretrained(tmp_path / "a")
+    with pytest.raises(HFError, match="config.json: tie_word_embeddings is false and lm_head.weight differs"):
+        load_hf_folder(tmp_path / "a")
+    with torch.no_grad():
+        untied.lm_head.weight.copy_(untied.transformer.wte.weight)
+    untied.save_pretrained(tmp_path / "b")  # an untied head that equals wte computes GPT-2: read
+    _, weights = load_hf_folder(tmp_path / "b")
+    np.testing.assert_array_equal(weights["wte.weight"][:100], hf_model.transformer.wte.weight.detach().numpy())
+
+
+def test_reorder_and_upcast_attn_only_changes_precision_and_is_read(hf_model, tmp_path):
+    upcast = variant(hf_model, reorder_and_upcast_attn=True)
+    assert (logits(upcast) - logits(hf_model)).abs().max() < 1e-6
+    upcast.save_pretrained(tmp_path)
+    _, weights = load_hf_folder(tmp_path)
+    np.testing.assert_array_equal(weights["h.1.attn.c_attn.weight"],
+                                  hf_model.transformer.h[1].attn.c_attn.weight.detach().numpy())

@@ -1,5 +1,10 @@
 import dataclasses
+import logging
 import os
+import shutil
+import socket
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,9 +16,10 @@ from common.checkpoints import META, CheckpointError, latest_checkpoint
 from common.config import Config, ConfigError, ModelConfig
 from common.schedule import lr_at
 from conftest import TINY_VOCAB, twenty_step_config, with_optim, with_run
-from helpers import (SAVER_MODEL, assert_same_three_steps, batch, check_exact_resume, check_generate_is_seeded,
-                     check_retention, check_sample_cli, check_train_cli_refusals, kill_mid_save, meta, run_python,
-                     saver_script, state_after_a_non_finite_loss, trained_three_steps_and_saved, trainer_args)
+from helpers import (ROOT, SAVER_MODEL, assert_same_three_steps, batch, check_exact_resume, check_generate_is_seeded,
+                     check_non_finite_weights_are_never_saved, check_retention, check_sample_cli,
+                     check_train_cli_refusals, kill_mid_save, meta, run_python, saver_script,
+                     state_after_a_non_finite_loss, trained_three_steps_and_saved, trainer_args)
 from jax_impl import checkpoint as ckpt
 from jax_impl import sample
 from jax_impl.model import flatten, unflatten
@@ -214,6 +220,11 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_p
     assert all(bool(jnp.isfinite(p).all()) for p in jax.tree.leaves(state.params))
 
 
+def test_non_finite_weights_after_a_finite_step_are_never_checkpointed(tmp_path, tiny_shards):
+    state = check_non_finite_weights_are_never_saved(BACKEND, poison, tiny_shards, tmp_path)
+    assert all(bool(jnp.isfinite(p).all()) for p in jax.tree.leaves(state.params))
+
+
 def test_bf16_autocast_runs_on_cpu_close_to_fp32(tmp_path):
     cfg = twenty_step_config(tmp_path, tmp_path)
     x, y = batch(2, 4)
@@ -294,6 +305,30 @@ def test_four_devices_match_one_device(tmp_path, tiny_shards):
     assert_same_three_steps(tmp_path / "four", tmp_path / "one")
 
 
+def test_two_processes_launched_as_the_readme_says_match_one_process(tmp_path, tiny_shards):
+    readme = (ROOT / "README.md").read_text()
+    assert "JAX_COORDINATOR_ADDRESS=10.0.0.1:1234 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=0 python -m jax_impl.train" in readme
+    common = trainer_args(tiny_shards, {"model.n_layer": 2, "optim.total_batch_size": 128, "optim.max_steps": 3,
+                                        "data.val_tokens": 128, "run.eval_interval": 3, "run.checkpoint_interval": 3})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [subprocess.Popen([sys.executable, "-m", "jax_impl.train", *common, "--run.out_dir", str(tmp_path / "two")],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**env, "PYTHONPATH": str(ROOT), "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+                                   "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)}) for i in range(2)]
+    try:
+        outputs = [p.communicate(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outputs]
+    assert "(2 replicas, 2 processes)" in outputs[0][0]
+    assert main([*common, "--run.out_dir", str(tmp_path / "one")]) == 0
+    assert_same_three_steps(tmp_path / "two", tmp_path / "one")
+
+
 def test_parity_hooks_logits_grads_and_moments_roundtrip(tmp_path):
     cfg = twenty_step_config(tmp_path, tmp_path)
     state = new_state(cfg)
@@ -317,3 +352,21 @@ def test_parity_hooks_logits_grads_and_moments_roundtrip(tmp_path):
     assert float(m1["lr"]) == float(m2["lr"]) == np.float32(lr_at(2, cfg.optim))
     assert float(m1["loss"]) == float(m2["loss"])
     assert same_tree(state.params, rebuilt.params)
+
+
+def test_a_folder_left_by_a_killed_save_draws_no_orbax_warning(tmp_path, caplog):
+    # A save killed after orbax renamed its folder but before it wrote its metadata leaves this; the next save
+    # deletes it (the rest of the run is unaffected), so orbax's warning about it is noise.
+    cfg = Config(model=ModelConfig(vocab_size=256, padded_vocab_size=256, block_size=16, n_layer=1, n_head=2,
+                                   n_embd=32))
+    state = BACKEND.init_state(cfg, BACKEND.setup(cfg))
+    first = BACKEND.save_checkpoint(state, tmp_path, meta(BACKEND, cfg, 1))
+    leftover = first.parent / "step_00000002"
+    shutil.copytree(first, leftover)
+    (leftover / "_CHECKPOINT_METADATA").unlink()
+    (leftover / "meta.json").unlink()
+    with caplog.at_level(logging.INFO):
+        state, _ = BACKEND.load_checkpoint(tmp_path, cfg, BACKEND.setup(cfg))
+        BACKEND.save_checkpoint(state, tmp_path, meta(BACKEND, cfg, 3))
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    assert [p.name for p in sorted(first.parent.iterdir())] == ["step_00000001", "step_00000003"]

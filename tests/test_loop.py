@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -35,8 +37,9 @@ class FakeBackend:
     """
     name = "fake"
 
-    def __init__(self, nan_at: int | None = None):
+    def __init__(self, nan_at: int | None = None, weights_bad_from: int | None = None):
         self.nan_at = nan_at
+        self.weights_bad_from = weights_bad_from  # steps taken from which the weights are non-finite
         self.counts = {"loss": 0, "grad_norm": 0, "lr": 0}
         self.seen: list[int] = []
         self.saved: list[int] = []
@@ -78,6 +81,9 @@ class FakeBackend:
         write_meta(folder, meta)
         self.saved.append(meta.step)
         return folder
+
+    def params_finite(self, state):
+        return self.weights_bad_from is None or state < self.weights_bad_from
 
     def load_checkpoint(self, path, cfg, dist):
         folder = latest_checkpoint(path) if (Path(path) / "checkpoints").exists() else Path(path)
@@ -136,6 +142,18 @@ def test_nan_in_a_long_window_names_the_first_non_finite_step(tiny_shards, tmp_p
     assert [r["step"] for r in read_records(tmp_path / "metrics.jsonl")] == list(range(7))
 
 
+def test_non_finite_weights_after_a_finite_step_are_never_checkpointed(tiny_shards, tmp_path):
+    # Step 4's loss and grad norm are finite, the update it applied is not: checkpoint 6 must not be written.
+    backend = FakeBackend(weights_bad_from=5)
+    cfg = config(tiny_shards, tmp_path, log_interval=1, checkpoint_interval=3)
+    with pytest.raises(NonFiniteError, match=r"^step 5: the parameters after it are not finite.*checkpoint 6 not "
+                                             r"written.*last good checkpoint: .*step_00000003\)$"):
+        train(backend, cfg, log=quiet)
+    assert backend.saved == [3]
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000003"]
+    assert [r["step"] for r in read_records(tmp_path / "metrics.jsonl")] == list(range(6))
+
+
 def test_log_interval_zero_still_flushes_every_max_pending_steps(tiny_shards, tmp_path):
     backend = FakeBackend()
     steps = 2 * MAX_PENDING_STEPS + 5
@@ -170,6 +188,65 @@ def test_resume_continues_the_records(tiny_shards, tmp_path):
     on_disk = read_records(tmp_path / "b" / "metrics.jsonl")
     assert [r["step"] for r in on_disk] == list(range(12))
     assert [r["loss"] for r in on_disk] == [r["loss"] for r in full]
+
+
+def test_resume_drops_a_torn_last_line_and_the_records_past_the_checkpoint(tiny_shards, tmp_path):
+    cfg = config(tiny_shards, tmp_path, log_interval=5, checkpoint_interval=6)
+    full = train(FakeBackend(), cfg, log=quiet).records
+    shutil.rmtree(tmp_path / "checkpoints" / "step_00000012")
+    metrics = tmp_path / "metrics.jsonl"
+    with open(metrics, "a") as f:  # what a kill in the middle of a write leaves
+        f.write('{"backend": "fake", "step": 12, "lo')
+    train(FakeBackend(), cfg, resume="latest", log=quiet)
+    on_disk = read_records(metrics)
+    assert [r["step"] for r in on_disk] == list(range(12))
+    assert [r["loss"] for r in on_disk] == [r["loss"] for r in full]
+    assert not (tmp_path / "metrics.jsonl.tmp").exists()
+
+
+def test_a_torn_line_is_dropped_only_at_the_end_and_only_on_resume(tmp_path):
+    from common.records import MetricsLog, RecordsError
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 0, "loss": 1.0}\n{"step": 1, "loss": 0.5}\n{"step": 2, "lo')
+    with pytest.raises(RecordsError, match=r"metrics\.jsonl:3: invalid JSON"):
+        read_records(path)  # a reader of a finished run is told
+    MetricsLog(path, resume_step=5)
+    assert path.read_text() == '{"step": 0, "loss": 1.0}\n{"step": 1, "loss": 0.5}\n'
+    path.write_text('{"step": 0, "loss": 1.0}\n{"step": 1, "lo\n{"step": 2, "loss": 0.5}\n')
+    with pytest.raises(RecordsError, match=r"metrics\.jsonl:2: invalid JSON"):
+        MetricsLog(path, resume_step=5)  # a broken line in the middle is no torn write: refused, file kept
+    assert path.read_text().count("\n") == 3
+
+
+def test_resume_with_a_changed_schedule_warns_naming_old_and_new_values(tiny_shards, tmp_path, capsys):
+    cfg = config(tiny_shards, tmp_path, log_interval=5, checkpoint_interval=6)
+    train(FakeBackend(), cfg, log=quiet)
+    shutil.rmtree(tmp_path / "checkpoints" / "step_00000012")
+    capsys.readouterr()
+    train(FakeBackend(), cfg, resume="latest", log=quiet)
+    assert capsys.readouterr().err == ""  # same schedule: nothing to say
+    longer = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, max_steps=20, max_lr=2e-2))
+    train(FakeBackend(), longer, resume="latest", log=quiet)
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("warning: resuming ") and "optim.max_lr 0.01 → 0.02, optim.max_steps 12 → 20" in line
+
+
+def test_a_second_run_into_a_held_folder_exits_2_naming_the_holder(tiny_shards, tmp_path, capsys):
+    from common.loop import main
+    from common.outdir import hold
+
+    before = sorted(tmp_path.rglob("*"))
+    with hold(tmp_path, "run.out_dir"):
+        argv = ["--data.dir", str(tiny_shards), "--run.out_dir", str(tmp_path), "--model.vocab_size", "256",
+                "--model.padded_vocab_size", "256", "--model.block_size", "16", "--optim.micro_batch_size", "4",
+                "--optim.total_batch_size", "64", "--optim.warmup_steps", "1", "--optim.max_steps", "2"]
+        assert main(FakeBackend(), argv) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line == (f"error: run.out_dir: {tmp_path} is in use by pid {os.getpid()} on {socket.gethostname()} "
+                    f"(lock file {tmp_path / '.lock'}); wait for that run to end or choose another run.out_dir")
+    assert sorted(tmp_path.rglob("*")) == before + [tmp_path / ".lock"]
+    assert main(FakeBackend(), argv) == 0  # released: the next run proceeds
 
 
 def with_out_dir(cfg, out_dir):

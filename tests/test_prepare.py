@@ -69,11 +69,11 @@ def run(*argv):
 
 
 def error_line(capsys):
-    """The one line the CLI printed for an error (the progress bar may precede it on stderr)."""
+    """The one line the CLI printed for an error: all of stderr (no progress bar around it)."""
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
     return lines[0]
 
 
@@ -311,3 +311,40 @@ def test_older_preparation_is_kept_by_the_cli_and_redone_for_the_default(tmp_pat
     P.ensure_default_data(folder)  # the trainers' default corpus: prepared again, once
     assert P.is_current(folder) and "preparing it again" in capsys.readouterr().out
     assert json.loads((folder / "manifest.json").read_text())["split"]["drawn_from_documents"] == 3
+
+
+def test_empty_input_is_an_error_naming_it(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    out = tmp_path / "out"
+    assert run("--input", empty, "--out", out) == 2
+    assert error_line(capsys) == f"error: {empty}: no text to tokenize (every document is empty)"
+    assert not (out / "manifest.json").exists() and not list(out.glob("*.bin"))
+
+
+def test_a_binary_file_is_named_on_stderr_with_its_share_of_replaced_bytes(tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("plain text, all UTF-8 " * 20)
+    (corpus / "b.txt").write_bytes(b"ok" + bytes(range(128, 256)) * 2 + b"ok")  # 256 of 260 bytes are not UTF-8
+    (corpus / "c.txt").write_bytes(b"caf\xe9 " + b"x" * 995)  # 1 byte in 1000: below the threshold
+    assert run("--input", corpus, "--out", tmp_path / "out", "--val-tokens", 4, "--workers", 1) == 0
+    captured = capsys.readouterr()
+    assert captured.err == (f"warning: 1 input file(s) are largely not UTF-8 text (binary, or another encoding); "
+                            f"their undecodable bytes became U+FFFD: {corpus / 'b.txt'} (98% of its bytes)\n")
+    assert "not UTF-8" not in captured.out
+
+
+def test_lone_surrogates_in_jsonl_encode_as_encode_does(tmp_path):
+    jl = tmp_path / "s.jsonl"
+    jl.write_text('{"text": "a\\ud800b"}\n{"text": "\\udfff x \\ud83d\\ude00"}\n')  # JSON escapes, as written
+    out = tmp_path / "out"
+    assert run("--input", jl, "--out", out, "--val-tokens", 0, "--workers", 1, "--no-shuffle") == 0
+    texts = ["a\ud800b", "\udfff x \U0001F600"]
+    assert read_all(out)[1] == expected_stream(texts) == [EOT, 64, 4210, 65, EOT, 4210, 2124, 30325, 222]
+
+
+def test_no_train_shard_warning_goes_to_stderr(tmp_path, capsys):
+    P.prepare(["tiny"], tmp_path / "out", "t", val_tokens=100, workers=1)
+    captured = capsys.readouterr()
+    assert "warning: no train shard" in captured.err and "no train shard" not in captured.out

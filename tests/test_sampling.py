@@ -57,6 +57,8 @@ def test_main_loads_before_reading_the_prompt_from_stdin(monkeypatch, capsys):
     ([], "the following arguments are required: --checkpoint"),
     (["--checkpoint", "x", "--num-samples", "0"], "--num-samples must be ≥ 1, got 0"),
     (["--checkpoint", "x", "--temperature", "-1"], "--temperature must be ≥ 0, got -1.0"),
+    (["--checkpoint", "x", "--temperature", "nan"], "--temperature must be a finite number, got nan"),
+    (["--checkpoint", "x", "--temperature=-inf"], "--temperature must be a finite number, got -inf"),
     (["--checkpoint", "x", "--top-k", "many"], "argument --top-k: invalid int value: 'many'"),
     (["--checkpoint", "missing"], "missing: no such checkpoint"),
 ])

@@ -102,3 +102,13 @@ def test_list_shards(tmp_path):
     assert [p.name for p in list_shards(tmp_path, "val")] == ["d_val_000000.bin"]
     with pytest.raises(ShardError, match="missing"):
         list_shards(tmp_path / "missing", "train")
+
+
+def test_negative_npy_ids_are_named_as_they_are(tmp_path):
+    path = tmp_path / "x_train_000001.npy"
+    np.save(path, np.array([1, -5, 7, 50256], dtype=np.int32))
+    with pytest.raises(ShardError, match=r"x_train_000001\.npy: token id -5 is out of range for vocab size 50257"):
+        read_shard(path)
+    np.save(path, np.array([1, 60000, 7], dtype=np.int32))
+    with pytest.raises(ShardError, match=r"token id 60000 is out of range"):
+        read_shard(path)

@@ -77,3 +77,12 @@ def test_wrong_checksum_names_the_file(tmp_path, monkeypatch):
             tokenizer.get_tokenizer()
     finally:
         tokenizer.get_tokenizer.cache_clear()
+
+
+def test_encode_array_replaces_lone_surrogates_as_encode_does():
+    tok = get_tokenizer()
+    for text in ["a\ud800b", "\udfff", "x \ud83d", "\ud800\ud800 y"]:
+        ids = tok.encode_array(text).tolist()
+        assert ids == tok.encode(text) == tok.encode(text.replace("\ud800", "\ufffd").replace("\udfff", "\ufffd")
+                                                       .replace("\ud83d", "\ufffd"))
+        assert decode(ids).count("\ufffd") == text.count("\ud800") + text.count("\udfff") + text.count("\ud83d")

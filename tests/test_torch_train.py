@@ -12,8 +12,9 @@ from common.portable import read_portable
 from common.schedule import lr_at
 from conftest import twenty_step_config, with_optim, with_run
 from helpers import (SAVER_MODEL, assert_same_three_steps, batch, check_exact_resume, check_generate_is_seeded,
-                     check_retention, check_sample_cli, check_train_cli_refusals, kill_mid_save, meta, run_python,
-                     saver_script, state_after_a_non_finite_loss, trained_three_steps_and_saved, trainer_args)
+                     check_non_finite_weights_are_never_saved, check_retention, check_sample_cli,
+                     check_train_cli_refusals, kill_mid_save, meta, run_python, saver_script,
+                     state_after_a_non_finite_loss, trained_three_steps_and_saved, trainer_args)
 from torch_impl import checkpoint as ckpt
 from torch_impl import sample
 from torch_impl.train import BACKEND, accumulate_gradients, apply_update, main
@@ -173,6 +174,11 @@ def poison(state):
 
 def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, tiny_shards):
     state = state_after_a_non_finite_loss(BACKEND, poison, tiny_shards, tmp_path)
+    assert all(torch.isfinite(p).all() for p in state.model.parameters())
+
+
+def test_non_finite_weights_after_a_finite_step_are_never_checkpointed(tmp_path, tiny_shards):
+    state = check_non_finite_weights_are_never_saved(BACKEND, poison, tiny_shards, tmp_path)
     assert all(torch.isfinite(p).all() for p in state.model.parameters())
 
 

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.checkpoints import (CHECKPOINT_SUBDIR, CheckpointError, CheckpointMeta, fsync_dir, fsync_file, prune,
-                                retained_steps, step_dir_name, write_meta)
+from common.checkpoints import (CHECKPOINT_SUBDIR, CheckpointError, CheckpointMeta, file_hashes, fsync_dir, fsync_file,
+                                prune, retained_steps, step_dir_name, write_meta)
 from common.config import Config
 from common.names import check_weights, decay_groups, param_shapes
 from common.precision import PRECISIONS
@@ -47,6 +47,15 @@ def save_checkpoint(state: Any, out_dir: str | os.PathLike, meta: CheckpointMeta
         path = _write(Path(out_dir), meta, weights, train_state)
     dist.barrier()  # other ranks must not run ahead (or exit) while rank 0 writes
     return path
+
+
+@torch.no_grad()
+def params_finite(state: Any) -> bool:
+    """Whether every parameter is finite, on all ranks (each checks its own shard of a sharded parameter, the
+    counts are summed over ranks); one flag per tensor on the device, one transfer to the host."""
+    flags = torch.stack([torch.isfinite(dist.local(p)).all() for p in state.model.parameters()])
+    bad = (~flags).sum().to(torch.float32)
+    return float(dist.all_reduce_sum(bad)) == 0
 
 
 def load_checkpoint(folder: str | os.PathLike, state: Any) -> Any:
@@ -126,7 +135,7 @@ def _write(out_dir: Path, meta: CheckpointMeta, weights: dict[str, torch.Tensor]
     torch.save(train_state, tmp / TRAIN_STATE)
     for name in (WEIGHTS, TRAIN_STATE):
         fsync_file(tmp / name)
-    write_meta(tmp, meta)  # last: what makes the folder count
+    write_meta(tmp, meta.replace(files=file_hashes(tmp)))  # last: what makes the folder count
     if final.exists():  # saving a step again (e.g. after resuming at it): swap, never delete first
         old = root / f".old-{final.name}-{os.getpid()}"
         os.rename(final, old)

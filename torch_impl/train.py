@@ -217,6 +217,9 @@ class TorchBackend:
     def save_checkpoint(self, state: TrainState, out_dir: Path, meta: CheckpointMeta) -> Path | None:
         return checkpoint.save_checkpoint(state, out_dir, meta)
 
+    def params_finite(self, state: TrainState) -> bool:
+        return checkpoint.params_finite(state)
+
     def load_checkpoint(self, path: Path, cfg: Config, dist_info: DistInfo) -> tuple[TrainState, CheckpointMeta]:
         folder, meta = open_checkpoint(path, cfg)
         state = init_state(cfg, dist_info, weights=checkpoint.read_weights(folder, cfg))

@@ -1,0 +1,29 @@
+"""The one-line usage error: an argparse parser whose errors raise UsageError instead of printing usage.
+
+Kept free of other imports so that every module with a command line (common/config.py too) can use it;
+common/cli.py gathers it with the other input errors.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+class UsageError(ValueError):
+    """A bad flag value; the message names the flag."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors raise UsageError, so the tool prints one line (argparse would add the usage)."""
+
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+class ExitingParser(argparse.ArgumentParser):
+    """For tools that parse their flags before their own error handling: a bad flag is the same one
+    `error: …` line, then exit code 2 (argparse would print the usage block first)."""
+
+    def error(self, message: str):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)

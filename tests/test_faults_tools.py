@@ -1,0 +1,68 @@
+"""The fault suite, the other tools: common.prepare, parity.check, the benches, common.plan, common.report and
+parity.sweep. Each bad input is one error line naming it, exit code 2, no traceback, nothing of the world
+changed (tests/faults.py)."""
+from __future__ import annotations
+
+import pytest
+
+from faults import Case, check_case
+
+
+def args(*items):
+    """argv with {name} standing for a world path and {tmp} for the case's own empty folder."""
+    return lambda w, tmp: [str(a).format(**{k: str(v) for k, v in w.paths.items()}, tmp=tmp) for a in items]
+
+
+def named(text: str):
+    return lambda w, tmp: text.format(**{k: str(v) for k, v in w.paths.items()}, tmp=tmp)
+
+
+PREPARE = "common.prepare"
+CASES = [
+    Case("prepare-empty-input", PREPARE, args("--input", "{empty_txt}", "--out", "{tmp}/o"),
+         named("{empty_txt}: no text to tokenize")),
+    Case("prepare-invalid-jsonl", PREPARE, args("--input", "{bad_jsonl}", "--out", "{tmp}/o"),
+         named("{bad_jsonl}:2: not valid JSON")),
+    Case("prepare-out-under-a-file", PREPARE, args("--input", "{bad_jsonl}", "--out", "{a_file}/o"),
+         named("--out: cannot create {a_file}/o: {a_file} is a file")),
+    Case("prepare-missing-input", PREPARE, args("--input", "{tmp}/none.txt", "--out", "{tmp}/o"),
+         named("{tmp}/none.txt: input does not exist")),
+    Case("prepare-zero-shard-size", PREPARE, args("--input", "{bad_jsonl}", "--out", "{tmp}/o", "--shard-size", 0),
+         "--shard-size must be > 0"),
+    Case("prepare-bad-name", PREPARE, args("--input", "{bad_jsonl}", "--out", "{tmp}/o", "--name", "a_b"),
+         "--name 'a_b'"),
+    Case("prepare-negative-seed", PREPARE, args("--input", "{bad_jsonl}", "--out", "{tmp}/o", "--seed", -1),
+         "--seed must be >= 0"),
+    Case("prepare-wrong-type", PREPARE, args("--workers", "two"), "argument --workers: invalid int value"),
+    Case("prepare-two-sources", PREPARE, args("--input", "{empty_txt}", "--hf", "x"), "argument --hf: not allowed"),
+    Case("check-unknown-dtype", "parity.check", args("--dtype", "fp8"), "argument --dtype: invalid choice: 'fp8'"),
+    Case("check-zero-steps", "parity.check", args("--steps", 0), "--steps must be ≥ 1"),
+    Case("check-unknown-key", "parity.check", args("--model.n_layr", 2), "unknown key 'model.n_layr'"),
+    Case("check-json-under-a-file", "parity.check", args("--json", "{a_file}/r.json"), named("--json: cannot create")),
+    Case("check-not-toml", "parity.check", args("--config", "{not_toml}"), named("{not_toml}: invalid TOML")),
+    Case("bench-unknown-backend", "parity.bench", args("--backends", "torch,mx"), "--backends: expected a subset"),
+    Case("bench-zero-rounds", "parity.bench", args("--rounds", 0), "--rounds must be ≥ 1"),
+    Case("bench-suite-flag-alone", "parity.bench", args("--rows", "tiny"), "--rows needs --suite"),
+    Case("bench-unknown-key", "parity.bench", args("--model.n_layr", 2), "unknown key 'model.n_layr'"),
+    Case("torch-bench-unknown-shape", "torch_impl.bench", args("--shape", "huge"), "argument --shape: invalid choice"),
+    Case("torch-bench-missing-config", "torch_impl.bench", args("--config", "nope"), "--config: no preset 'nope'"),
+    Case("jax-bench-wrong-type", "jax_impl.bench", args("--steps", "x"), "argument --steps: invalid int value"),
+    Case("jax-bench-fp16", "jax_impl.bench", args("--config", "parity", "--shape", "tiny", "--dtype", "fp16"),
+         "argument --dtype: invalid choice: 'fp16'"),
+    Case("plan-missing-config", "common.plan", args("--config", "nope"), "--config: no preset 'nope'"),
+    Case("plan-wrong-type", "common.plan", args("--world-size", "x"), "argument --devices/--world-size: invalid int"),
+    Case("plan-unknown-parallel", "common.plan", args("--parallel", "tp"), "argument --parallel: invalid choice: 'tp'"),
+    Case("plan-indivisible-heads", "common.plan", args("--model.n_head", 3), "model.n_embd (128) is not divisible"),
+    Case("report-torn-metrics", "common.report", args("{torn_metrics}"), named("{torn_metrics}/metrics.jsonl:3: invalid")),
+    Case("report-missing-run", "common.report", args("{tmp}/none"), named("{tmp}/none: no such run folder")),
+    Case("report-labels", "common.report", args("{torch_run}", "--labels", "a,b"), "--labels: 2 label(s) for 1 run(s)"),
+    Case("report-wrong-type", "common.report", args("{torch_run}", "--target", "low"), "argument --target"),
+    Case("sweep-zero-batch", "parity.sweep", args("--backend", "torch", "--max-batch", 0), "--max-batch must be ≥ 1"),
+    Case("sweep-unknown-backend", "parity.sweep", args("--backend", "mx"), "argument --backend: invalid choice"),
+    Case("sweep-jax-fp16", "parity.sweep", args("--backend", "jax", "--dtype", "fp16"), "--dtype fp16 is torch-only"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_tools_refuse_bad_input(case, fault_world, tmp_path, capsys):
+    check_case(case, fault_world, tmp_path, capsys)
