@@ -13,6 +13,7 @@ import inspect
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -107,13 +108,22 @@ class _Expected(logging.Filter):
 logging.getLogger("absl").addFilter(_Expected())
 
 
+class _Aftermath(logging.Filter):
+    """asyncio's 'Task exception was never retrieved' for the reads a failed restore abandoned."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Task exception was never retrieved")
+
+
 def _silence_aftermath() -> None:
-    """After a failed restore, tensorstore reads still in flight finish on orbax's closed event loop and each
-    prints a traceback ('Event loop is closed', 'Exception ignored in: <coroutine …>') after the one error
-    line; those, and only those, are dropped for the rest of the process."""
+    """When a restore fails, tensorstore reads still in flight finish on orbax's closed event loop, on
+    their own threads and at any moment from the failure on, and each prints a traceback ('Event loop
+    is closed', 'Exception ignored in: <coroutine …>', 'Task exception was never retrieved') around the
+    one error line. Installed before each restore, since they can race the error itself; those, and
+    only those, are dropped for the rest of the process (nothing else here runs asyncio)."""
     if getattr(sys.excepthook, "_drops_orbax_aftermath", False):
         return
-    except_hook, unraisable_hook = sys.excepthook, sys.unraisablehook
+    except_hook, unraisable_hook, thread_hook = sys.excepthook, sys.unraisablehook, threading.excepthook
 
     def aftermath(exc: BaseException | None, obj: Any = None) -> bool:
         return (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed") or inspect.iscoroutine(obj)
@@ -126,8 +136,13 @@ def _silence_aftermath() -> None:
         if not aftermath(unraisable.exc_value, unraisable.object):
             unraisable_hook(unraisable)
 
+    def threadhook(args):
+        if not aftermath(args.exc_value):
+            thread_hook(args)
+
     excepthook._drops_orbax_aftermath = True
-    sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+    sys.excepthook, sys.unraisablehook, threading.excepthook = excepthook, unraisablehook, threadhook
+    logging.getLogger("asyncio").addFilter(_Aftermath())
 
 
 def _manager(folder: Path) -> ocp.CheckpointManager:
@@ -148,11 +163,11 @@ def _host_template(tree: Any, cfg: Config) -> Any:
 def _restore(path: Path, abstract: dict[str, Any]) -> dict[str, Any]:
     """Restore the items named in `abstract` ({"params": tree of arrays or ShapeDtypeStructs, ...})."""
     args = {name: ocp.args.StandardRestore(tree) for name, tree in abstract.items()}
+    _silence_aftermath()
     try:
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
             restored = ckptr.restore(path.resolve(), args=ocp.args.Composite(**args))
     except Exception as e:  # orbax/tensorstore raise many types for missing or corrupt files
-        _silence_aftermath()
         first = (str(e).splitlines() or [""])[0][:300]
         raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {first})") from None
     return {name: restored[name] for name in abstract}
