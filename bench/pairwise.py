@@ -119,8 +119,9 @@ def bench(cfg: Config, rounds: int, window: int, warmup: int, pin: str | None = 
                 first = workers[name].read()
                 # MFU as the trainers give it: against the peak of all the run's replicas.
                 results[name] = {"startup_s": time.perf_counter() - t0, "first_step_s": first["first_step_s"],
-                                 "peak_flops": first["peak_flops"] * cfg.run.devices, "windows": [],
-                                 "loader_windows": [], "losses": list(first["losses"])}
+                                 "peak_flops": first["peak_flops"] and first["peak_flops"] * cfg.run.devices,
+                                 "windows": [], "loader_windows": [], "losses": list(first["losses"]),
+                                 "levers": first.get("levers", "")}
                 if warmup:
                     results[name]["losses"] += workers[name].ask(f"window {warmup}")["losses"]
             for _ in range(rounds):
@@ -143,7 +144,7 @@ def bench(cfg: Config, rounds: int, window: int, warmup: int, pin: str | None = 
         r["tokens_per_s"] = statistics.median(tok_s)
         r["tokens_per_s_windows"] = tok_s
         r["ms_per_step"] = statistics.median(s * 1e3 / window for s in r["windows"])
-        r["mfu"] = flops_tok * r["tokens_per_s"] / r["peak_flops"]
+        r["mfu"] = flops_tok * r["tokens_per_s"] / r["peak_flops"] if r["peak_flops"] else None
         r["loader_ms_per_step"] = statistics.median(s * 1e3 / window for s in r["loader_windows"])
         r["loader_share"] = sum(r["loader_windows"]) / sum(r["windows"])
     report = {"config": cfg.to_dict(), "rounds": rounds, "window_steps": window, "warmup_steps": warmup,
@@ -169,17 +170,23 @@ def config_line(report: dict[str, Any]) -> str:
             + (f"; {c['run']['devices']} replicas each" if c["run"]["devices"] > 1 else ""))
 
 
+def levers_lines(report: dict[str, Any]) -> list[str]:
+    """Each backend worker's levers, as its trainer's run header prints them."""
+    return [r["levers"] for r in report["backends"].values() if r.get("levers")]
+
+
 def format_table(report: dict[str, Any]) -> str:
     lines = [config_line(report),
              "| backend | tok/s (median) | ms/step | MFU | first step (compile) s | start-up s | peak RSS MB |",
              "|---|---|---|---|---|---|---|"]
     for name, r in report["backends"].items():
-        lines.append(f"| {name} | {r['tokens_per_s']:,.0f} | {r['ms_per_step']:.1f} | {100 * r['mfu']:.1f}% "
-                     f"(of {r['peak_flops'] / 1e9:.0f} GFLOP/s) | {r['first_step_s']:.2f} | {r['startup_s']:.1f} | "
-                     f"{r['peak_rss_mb']:,.0f} |")
+        mfu = f"{100 * r['mfu']:.1f}% (of {r['peak_flops'] / 1e9:.0f} GFLOP/s)" if r["mfu"] is not None else "n/a"
+        lines.append(f"| {name} | {r['tokens_per_s']:,.0f} | {r['ms_per_step']:.1f} | {mfu} | {r['first_step_s']:.2f} | "
+                     f"{r['startup_s']:.1f} | {r['peak_rss_mb']:,.0f} |")
     if "jax_over_torch" in report:
         lines.append(f"JAX / PyTorch tokens/s: {report['jax_over_torch']:.2f} (median of same-round ratios "
                      + ", ".join(f"{x:.2f}" for x in report["jax_over_torch_rounds"]) + ")")
+    lines += levers_lines(report)
     for name, r in report.get("fsdp_over_ddp", {}).items():
         lines.append(f"{name} fsdp / ddp tokens/s: {r['median']:.2f} (median of same-round ratios "
                      + ", ".join(f"{x:.2f}" for x in r["rounds"]) + ")")

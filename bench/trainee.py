@@ -27,7 +27,7 @@ from bench.workers import answer_channel, commands, reply
 from common.backend import BACKENDS, DistInfo, load_backend
 from common.config import Config, load_toml
 from common.data import loader_for
-from common.plan import peak_flops
+from common.levers import cached_peak
 
 PLAIN = {"torch": "plain_torch", "jax": "plain_jax"}  # each backend's plain baseline (bench/plain_*.py)
 TRAINEES = BACKENDS + tuple(PLAIN.values())
@@ -36,8 +36,9 @@ TRAINEES = BACKENDS + tuple(PLAIN.values())
 @dataclass
 class Trainee:
     step: Callable[[np.ndarray, np.ndarray], Any]  # one optimizer step on (accum, rows, T) batches → its loss
-    peak_flops: float  # FLOP/s for MFU
+    peak_flops: float | None  # FLOP/s for MFU (None: not measured)
     dist: DistInfo = DistInfo()  # what this process trains of the global batch
+    levers: str = ""  # the run header's levers line (our backends only)
 
 
 def start(name: str, cfg: Config, weights: dict[str, np.ndarray] | None) -> Trainee:
@@ -56,11 +57,15 @@ def start(name: str, cfg: Config, weights: dict[str, np.ndarray] | None) -> Trai
             state, metrics = b.train_step(state, x, y)
             return metrics["loss"]
 
-        return Trainee(step, b.peak_flops(cfg, dist)[0], dist)
+        chosen = b.levers(cfg, dist)
+        return Trainee(step, chosen.peak_flops, dist, chosen.line())
     if name not in TRAINEES or weights is None:
         raise ValueError(f"unknown trainee {name!r}, or a plain baseline without weights")
-    step, device = importlib.import_module(f"bench.{name}").build(cfg, weights)
-    return Trainee(step, peak_flops(device, cfg.run.dtype, cfg.run.peak_tflops)[0])
+    step, _ = importlib.import_module(f"bench.{name}").build(cfg, weights)
+    # The plain step sets no lever of its own; MFU against its framework's peak, if a backend probed one here.
+    base = next(b for b, plain in PLAIN.items() if plain == name)
+    peak = cfg.run.peak_tflops * 1e12 if cfg.run.peak_tflops > 0 else (cached_peak(base, cfg.run.dtype) or (None,))[0]
+    return Trainee(step, peak)
 
 
 def serve(name: str, cfg_path: Path, weights_path: Path | None) -> None:
@@ -89,7 +94,7 @@ def serve(name: str, cfg_path: Path, weights_path: Path | None) -> None:
 
     first = steps(1)
     answer({"first_step_s": first["seconds"], "loader_seconds": first["loader_seconds"],
-            "losses": first["losses"], "peak_flops": trainee.peak_flops})
+            "losses": first["losses"], "peak_flops": trainee.peak_flops, "levers": trainee.levers})
     for command, arg in rank_commands(dist):
         if command == "window":
             answer(steps(int(arg)))

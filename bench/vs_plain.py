@@ -13,7 +13,7 @@ import os
 import tempfile
 from typing import Any, Mapping, Sequence
 
-from bench.pairwise import bench, config_line, ratio_summary, same_round_ratios
+from bench.pairwise import bench, config_line, levers_lines, ratio_summary, same_round_ratios
 from bench.trainee import BACKENDS, PLAIN
 from common.config import Config, ConfigError
 
@@ -71,4 +71,4 @@ def format_vs_plain(report: dict[str, Any], allocator_note: str) -> str:
     if "jax_over_torch" in report:
         lines.append(f"JAX / PyTorch tokens/s: {report['jax_over_torch']:.2f} (median of same-round ratios; "
                      f"spread {_spread(report['jax_over_torch_spread'])})")
-    return "\n".join(lines)
+    return "\n".join(lines + [""] + levers_lines(report))

@@ -17,6 +17,7 @@ import numpy as np
 
 from common.checkpoints import CheckpointMeta
 from common.config import Config
+from common.levers import Levers
 
 BACKENDS = ("torch", "jax")  # the two implementations, as `{name}_impl` packages
 
@@ -111,8 +112,10 @@ class Backend(Protocol):
         Raises common.checkpoints.CheckpointError (message names the path) if none is readable or its
         model is not cfg's."""
 
-    def peak_flops(self, cfg: Config, dist: DistInfo) -> tuple[float, str]:
-        """(FLOP/s per replica for MFU, a description of where the figure comes from)."""
+    def levers(self, cfg: Config, dist: DistInfo) -> Levers:
+        """The speed levers the run trains with (common/levers.py: each value and where it came from), and
+        the GEMM peak per replica MFU is measured against (None when nothing was measured). The same object
+        init_state chose for `cfg`: asking again probes nothing."""
 
 
 class ParityHooks(Protocol):

@@ -15,7 +15,7 @@ import resource
 import statistics
 import sys
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -118,16 +118,42 @@ def time_steps(step: Callable[[], object], steps: int, windows: int, warmup: int
     return Timing(first, per_step, minflt)
 
 
-def figures(cfg: Config, accum: int, timing: Timing, peak: float, peak_source: str, devices: int = 1) -> dict:
-    """Shape and speed fields of a bench result, in report order; `peak` is one device's FLOP/s."""
+def figures(cfg: Config, accum: int, timing: Timing, peak: float | None, peak_source: str, devices: int = 1) -> dict:
+    """Shape and speed fields of a bench result, in report order; `peak` is one device's FLOP/s (None: no MFU)."""
     sec = statistics.median(timing.per_step_s)
     tokens = cfg.optim.total_batch_size
     tok_s = tokens / sec
     return {"n_layer": cfg.model.n_layer, "n_embd": cfg.model.n_embd, "block_size": cfg.model.block_size,
             "batch": cfg.optim.micro_batch_size, "accum": accum, "tokens_per_step": tokens, "ms_per_step": sec * 1e3,
             "ms_windows": [s * 1e3 for s in timing.per_step_s], "tokens_per_s": tok_s,
-            "mfu": flops_per_token(cfg.model) * tok_s / (peak * devices), "peak_tflops": peak / 1e12,
+            "mfu": flops_per_token(cfg.model) * tok_s / (peak * devices) if peak else None,
+            "peak_tflops": peak / 1e12 if peak else None,
             "peak_source": peak_source, "first_step_s": timing.first_step_s}
+
+
+# The GEMM peak probes (parity.probe, the levers' peak): timed windows per case.
+REPEATS = 5
+MIN_REPEATS = 3
+
+
+def time_gemm(fn: Callable[[], Any], n: int, budget_s: float, repeats: int = REPEATS) -> dict[str, float]:
+    """GFLOP/s of `fn` (one n³ GEMM that has finished when it returns), median of up to `repeats` windows."""
+    fn()  # the first call builds kernels / compiles / faults in the output: not the steady state
+    t0 = time.perf_counter()
+    fn()  # a second warm-up call, timed to size the windows
+    once = max(time.perf_counter() - t0, 1e-7)
+    # Slow cases (N=2048 on one CPU) get fewer windows, never under MIN_REPEATS, to keep to the budget;
+    # fast ones (small N) several calls per window, so timer resolution and call overhead do not count.
+    repeats = max(MIN_REPEATS, min(repeats, int(budget_s / once)))
+    inner = max(1, min(1000, int(budget_s / repeats / once)))
+    windows = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        windows.append((time.perf_counter() - t0) / inner)
+    sec = statistics.median(windows)
+    return {"gflops": 2 * n ** 3 / sec / 1e9, "ms": sec * 1e3, "repeats": repeats, "calls": inner * repeats}
 
 
 def shape_text(r: dict) -> str:
@@ -135,8 +161,9 @@ def shape_text(r: dict) -> str:
 
 
 def speed_text(r: dict) -> str:
-    return (f"{r['ms_per_step']:.1f} ms/step | {r['tokens_per_s']:,.0f} tok/s | MFU {100 * r['mfu']:.1f}% of "
-            f"{r['peak_tflops'] * 1e3:.0f} GFLOP/s")
+    mfu = (f"MFU {100 * r['mfu']:.1f}% of {r['peak_tflops'] * 1e3:.0f} GFLOP/s" if r["mfu"] is not None
+           else f"no MFU ({r['peak_source']})")
+    return f"{r['ms_per_step']:.1f} ms/step | {r['tokens_per_s']:,.0f} tok/s | {mfu}"
 
 
 def print_results(results: Callable[[], list[dict]], line: Callable[[dict], str], as_json: bool) -> int:

@@ -21,6 +21,9 @@ from common.usage import Parser
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = "default"
 PARALLELISMS = ("ddp", "fsdp")  # run.parallel
+LEVER_MODES = ("auto", "probe", "fixed")  # run.levers (common/levers.py)
+GEMM_PATHS = ("auto", "aten", "onednn", "xla")  # run.cpu_gemm: torch takes aten or onednn, JAX xla
+AUTO_CHUNK_ROWS = -1  # model.loss_chunk_rows: the machine's choice (common/levers.py)
 
 
 class ConfigError(ValueError):
@@ -38,8 +41,9 @@ class ModelConfig:
     dropout: float = 0.0
     bias: bool = True
     # Rows of (B·T) per chunk of the fused tied head + cross-entropy in training; 0 materialises the full
-    # (B·T, padded_vocab_size) logits. A compute choice, not a shape: checkpoints move freely between values.
-    loss_chunk_rows: int = 128
+    # (B·T, padded_vocab_size) logits; -1 lets the machine choose (a lever: common/levers.py). A compute
+    # choice, not a shape: checkpoints move freely between values.
+    loss_chunk_rows: int = AUTO_CHUNK_ROWS
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,13 @@ class RunConfig:
     wandb_project: str = "gpt2-twin"
     tensorboard: bool = False  # TensorBoard event files under out_dir/tensorboard
     report: bool = True  # when the run ends, its plots (loss, lr, grad norm, tok/s PNGs) into out_dir
+    # The speed levers (common/levers.py). levers: auto (probe a new machine once, then its cache), probe
+    # (time again, rewrite the cache) or fixed (no timing). threads: the framework's CPU threads (torch's
+    # intra-op threads; JAX: the CPUs XLA's pool may use), 0 = the machine's choice. cpu_gemm: the fp32 GEMM
+    # library on CPUs, torch aten (MKL) or onednn, JAX xla; auto = the machine's choice.
+    levers: str = "auto"
+    threads: int = 0
+    cpu_gemm: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -241,8 +252,9 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
             f"model.padded_vocab_size ({m.padded_vocab_size}) is smaller than model.vocab_size ({m.vocab_size})")
     if m.vocab_size > 65535 + 1:
         raise ConfigError(f"model.vocab_size ({m.vocab_size}) does not fit the uint16 shard format")
-    if m.loss_chunk_rows < 0:
-        raise ConfigError(f"model.loss_chunk_rows must be ≥ 0 (0 = unfused head), got {m.loss_chunk_rows}")
+    if m.loss_chunk_rows < AUTO_CHUNK_ROWS:
+        raise ConfigError(f"model.loss_chunk_rows must be ≥ 0 (0 = unfused head) or -1 (the machine's choice), "
+                          f"got {m.loss_chunk_rows}")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
     if o.micro_batch_size <= 0 or o.total_batch_size <= 0:
@@ -269,6 +281,12 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
                  "num_samples", "sample_tokens", "top_k", "temperature"):
         if getattr(r, name) < 0:
             raise ConfigError(f"run.{name} must be ≥ 0, got {getattr(r, name)}")
+    if r.levers not in LEVER_MODES:
+        raise ConfigError(f"run.levers must be one of {', '.join(LEVER_MODES)}, got '{r.levers}'")
+    if r.cpu_gemm not in GEMM_PATHS:
+        raise ConfigError(f"run.cpu_gemm must be one of {', '.join(GEMM_PATHS)}, got '{r.cpu_gemm}'")
+    if r.threads < 0:
+        raise ConfigError(f"run.threads must be ≥ 0 (0 = the machine's choice), got {r.threads}")
     if r.parallel not in PARALLELISMS:
         raise ConfigError(f"run.parallel must be one of {', '.join(PARALLELISMS)}, got '{r.parallel}'")
     if r.parallel == "ddp" and r.fsdp_size > 1:

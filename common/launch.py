@@ -20,6 +20,8 @@ import sys
 GLIBC_TUNABLES = ("glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=33554432:"
                   "glibc.malloc.trim_threshold=1073741824")
 NO_REEXEC = "GPT2TWIN_NO_REEXEC"  # set (to any value) to never re-execute
+# Set by the re-execution itself, so the run header can tell the launcher's tunables from a user's own.
+REEXECUTED = "GPT2TWIN_REEXECUTED"
 
 
 def _is_glibc_linux() -> bool:
@@ -53,7 +55,22 @@ def ensure_allocator_env(module: str) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     try:
-        os.execve(sys.executable, argv, {**os.environ, "GLIBC_TUNABLES": GLIBC_TUNABLES})
+        os.execve(sys.executable, argv, {**os.environ, "GLIBC_TUNABLES": GLIBC_TUNABLES, REEXECUTED: "1"})
     except OSError as e:  # cannot re-execute (e.g. a sandbox): run on with glibc's defaults
         print(f"warning: could not restart with GLIBC_TUNABLES set ({e}); using glibc's malloc defaults",
               file=sys.stderr)
+
+
+def allocator_setting() -> tuple[str, str, str]:
+    """(value, source, note) of the allocator lever for the run header (common/levers.py's sources)."""
+    if not _is_glibc_linux():
+        return "system malloc", "fixed", "no glibc tunables here"
+    value = os.environ.get("GLIBC_TUNABLES")
+    if value is None:
+        why = f"{NO_REEXEC} is set" if NO_REEXEC in os.environ else "not started through an entry point"
+        return "glibc defaults", "env" if NO_REEXEC in os.environ else "fixed", why
+    if value == GLIBC_TUNABLES:
+        if os.environ.get(REEXECUTED) == "1":
+            return "glibc tunables", "fixed", "set at start-up"
+        return "glibc tunables", "env", "the Makefile's value"
+    return f"GLIBC_TUNABLES={value or '(empty)'}", "env", "the environment's own value"

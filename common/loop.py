@@ -191,10 +191,13 @@ def _train(backend: Backend, cfg: Config, dist: DistInfo, out_dir: Path, resume:
 
     for line in plan_lines(cfg, dist.data_parallel_size, loader.stream.epoch_tokens):
         say(line)
-    peak, peak_source = backend.peak_flops(cfg, dist)
+    chosen = backend.levers(cfg, dist)
+    peak = chosen.peak_flops
+    mfu_line = (f"MFU against {peak / 1e12:.3g} TFLOP/s per replica ({chosen.peak_source})" if peak
+                else f"no MFU: GEMM peak {chosen.peak_source}")
     say(f"backend: {backend.name} on {dist.device} ({dist.data_parallel_size} replicas, "
-        f"{dist.process_count} processes), dtype {r.dtype}, {backend.compile_label(cfg)}; "
-        f"MFU against {peak / 1e12:.3g} TFLOP/s per replica ({peak_source})")
+        f"{dist.process_count} processes), dtype {r.dtype}, {backend.compile_label(cfg)}; {mfu_line}")
+    say(chosen.line())
     say(f"output: {out_dir}")
 
     metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step=start if resume is not None else None) \
@@ -244,7 +247,7 @@ def _train(backend: Backend, cfg: Config, dist: DistInfo, out_dir: Path, resume:
                 steady.append(dt)
             rec = {"backend": backend.name, "step": step, "loss": loss, "lr": lr, "grad_norm": norm,
                    "ms": dt * 1e3, "data_ms": data_ms, "tokens_per_s": tok_s,
-                   "mfu": flops_tok * tok_s / (peak * dist.data_parallel_size), "tokens": tokens,
+                   "mfu": flops_tok * tok_s / (peak * dist.data_parallel_size) if peak else None, "tokens": tokens,
                    "elapsed_s": window_start + (i + 1) * dt - run_start}
             if diagnostics:
                 rec.update(diagnostics)

@@ -43,27 +43,26 @@ def flops_per_token(cfg: ModelConfig) -> int:
     return 6 * num_params(cfg, include_wpe=False) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
 
-# Stated peaks for MFU (FLOP/s per replica). CPU figures are a 2-vCPU AMD EPYC's GEMM peaks (other CPUs
-# differ: `python -m parity.probe` measures yours, `--run.peak_tflops` uses it); GPU ones are the A100's
-# dense tensor-core peaks, nanoGPT's convention.
-PEAK_FLOPS = {
-    ("cpu", "fp32"): (340e9, "a 2-vCPU AMD EPYC's fp32 GEMM peak; python -m parity.probe measures this CPU's"),
-    ("cpu", "fp64"): (170e9, "half the fp32 CPU peak"),
-    ("cpu", "bf16"): (750e9, "a 2-vCPU AMD EPYC's avx512_bf16 GEMM peak; python -m parity.probe measures this CPU's"),
-    ("cpu", "fp16"): (750e9, "taken as the CPU bf16 peak"),
-    ("cuda", "fp32"): (156e12, "A100 TF32 dense"),
-    ("cuda", "fp64"): (19.5e12, "A100 FP64 tensor core"),
-    ("cuda", "bf16"): (312e12, "A100 bf16 dense"),
-    ("cuda", "fp16"): (312e12, "A100 fp16 dense"),
-}
+# Dense (no sparsity) peaks of NVIDIA's datasheets, FLOP/s, for MFU on CUDA devices, matched by device name
+# (the more specific name first). fp32 runs take TF32 tensor cores on these GPUs (both backends allow it),
+# fp64 the FP64 tensor cores. A GPU not listed here gets a probed GEMM peak (the backends' levers.py); CPUs
+# always do, since no constant measured on one CPU holds for another.
+GPU_DATASHEET = (
+    ("H100 PCIe", {"bf16": 756e12, "fp16": 756e12, "fp32": 378e12, "fp64": 51.2e12}),
+    ("H100 NVL", {"bf16": 835e12, "fp16": 835e12, "fp32": 417.5e12, "fp64": 60e12}),
+    ("H100", {"bf16": 989.4e12, "fp16": 989.4e12, "fp32": 494.7e12, "fp64": 66.9e12}),
+    ("H200", {"bf16": 989.4e12, "fp16": 989.4e12, "fp32": 494.7e12, "fp64": 66.9e12}),
+    ("A100", {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12, "fp64": 19.5e12}),
+)
 
 
-def peak_flops(device_kind: str, dtype: str, override_tflops: float = 0.0) -> tuple[float, str]:
-    """(FLOP/s, where the figure comes from) for MFU; `run.peak_tflops` overrides it."""
-    if override_tflops > 0:
-        return override_tflops * 1e12, "run.peak_tflops"
-    kind = "cuda" if device_kind in ("cuda", "gpu") else "cpu"
-    return PEAK_FLOPS[(kind, dtype)]
+def datasheet_peak(device_name: str, dtype: str) -> tuple[float, str] | None:
+    """(FLOP/s, where the figure comes from) of a GPU named `device_name` in `dtype`, or None if not listed."""
+    for name, peaks in GPU_DATASHEET:
+        if name.lower() in device_name.lower() and dtype in peaks:
+            kind = {"fp32": "TF32", "fp64": "FP64 tensor core"}.get(dtype, dtype)
+            return peaks[dtype], f"{name} datasheet {kind} dense peak ({device_name})"
+    return None
 
 
 @dataclass(frozen=True)
@@ -96,7 +95,8 @@ def device_memory(cfg: Config, world_size: int, parallel: str) -> dict[str, int]
     recomputation, per layer and token 16·C values (Korthikanti et al. 2022 with fused attention and
     no dropout masks): the two LayerNorm inputs in the parameter dtype (the residual stream), the rest
     in the compute dtype; plus the head's fp32 logits and their gradient, for all rows or one chunk
-    of model.loss_chunk_rows. Allocator slack, workspaces and the framework itself come on top.
+    of model.loss_chunk_rows (all rows when the machine chooses: the most it can be). Allocator slack,
+    workspaces and the framework itself come on top.
     """
     m, p = cfg.model, PRECISIONS[cfg.run.dtype]
     pb, cb = _BYTES[p.params], _BYTES[p.compute]

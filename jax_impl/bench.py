@@ -59,7 +59,8 @@ def measure(cfg: Config, steps: int, windows: int, warmup: int) -> dict:
         return float(m["loss"])  # forces the step to finish, as the loop's logging does
 
     timing = benchtiming.time_steps(step, steps, windows, warmup)
-    peak, peak_source = BACKEND.peak_flops(cfg, info)
+    chosen = BACKEND.levers(cfg, info)
+    peak, peak_source = chosen.peak_flops, chosen.peak_source
     return {"backend": "jax", "compile": True, "dtype": cfg.run.dtype, "device": info.device,
             "devices": info.data_parallel_size, "threads": os.cpu_count(),
             **benchtiming.figures(cfg, accum, timing, peak, peak_source, info.data_parallel_size),

@@ -30,9 +30,9 @@ from common.backend import DistInfo
 from common.checkpoints import CheckpointMeta, open_checkpoint
 from common.config import Config, ConfigError, DataConfig, RunConfig
 from common.diagnostics import summarize_diagnostics
+from common.levers import Levers, configured
 from common.names import init_weights
-from common.plan import peak_flops
-from jax_impl import checkpoint, dist
+from jax_impl import checkpoint, dist, levers
 from jax_impl.evaluate import token_losses
 from jax_impl.model import GPT, abstract_params, flatten, from_common, scan_layers_for, to_common
 from jax_impl.ops import attention_for
@@ -58,10 +58,11 @@ def compiled_part(cfg: Config) -> Config:
 
 
 class Runtime:
-    """Model, optimizer and jitted step functions for one (compiled_part(config), mesh)."""
+    """Model, optimizer and jitted step functions for one (compiled_part(config), mesh), and the levers
+    (jax_impl/levers.py) they were built with."""
 
-    def __init__(self, cfg: Config, mesh: Mesh):
-        self.cfg, self.mesh = cfg, mesh
+    def __init__(self, cfg: Config, mesh: Mesh, chosen: Levers):
+        self.cfg, self.mesh, self.levers = cfg, mesh, chosen
         self.dtype, self.param_dtype = dist.dtypes(cfg.run.dtype)
         platform = mesh.devices.flat[0].platform
         self.model = GPT(cfg.model, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -235,13 +236,15 @@ class JaxBackend:
         dist.teardown_distributed()
 
     def runtime(self, cfg: Config) -> Runtime:
-        """The Runtime of `cfg` on this backend's mesh (set up on first use)."""
+        """The Runtime of `cfg` on this backend's mesh (set up on first use), with this machine's levers
+        (chosen, probed the first time, before anything is compiled)."""
         if self.mesh is None:
             self.setup(cfg)
         dist.set_x64(cfg.run.dtype)
-        key = (compiled_part(cfg), self.mesh)
+        chosen = levers.choose(cfg, self.mesh.devices.flat[0].platform)
+        key = (compiled_part(configured(cfg, chosen)), self.mesh)
         if key not in self._runtimes:
-            self._runtimes[key] = Runtime(key[0], self.mesh)
+            self._runtimes[key] = Runtime(key[0], self.mesh, chosen)
         return self._runtimes[key]
 
     def _rt(self, state: TrainState) -> Runtime:
@@ -293,12 +296,15 @@ class JaxBackend:
         folder, meta = open_checkpoint(path, cfg)
         return checkpoint.load_checkpoint(folder, self.runtime(cfg).abstract_state()), meta
 
-    def peak_flops(self, cfg: Config, dist_info: DistInfo) -> tuple[float, str]:
-        flops, source = peak_flops(dist_info.device, cfg.run.dtype, cfg.run.peak_tflops)
-        if dist_info.device == "cpu" and dist_info.local_replicas > 1 and cfg.run.peak_tflops <= 0:
+    def levers(self, cfg: Config, dist_info: DistInfo) -> Levers:
+        chosen = self.runtime(cfg).levers
+        if (dist_info.device == "cpu" and dist_info.local_replicas > 1 and cfg.run.peak_tflops <= 0
+                and chosen.peak_flops is not None):
             # XLA's host devices all share the same cores: each replica gets a share of the machine.
-            return flops / dist_info.local_replicas, f"{source}, shared by {dist_info.local_replicas} host devices"
-        return flops, source
+            return dataclasses.replace(chosen, peak_flops=chosen.peak_flops / dist_info.local_replicas,
+                                       peak_source=f"{chosen.peak_source}, shared by {dist_info.local_replicas} "
+                                                   f"host devices")
+        return chosen
 
     # --- common.backend.ParityHooks -------------------------------------------------------------------
     def logits(self, state: TrainState, x: np.ndarray) -> np.ndarray:

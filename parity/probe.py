@@ -13,43 +13,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from bench import workers
+from common.benchtiming import MIN_REPEATS, REPEATS, time_gemm
 
 FRAMEWORKS = ("torch", "jax")
 DTYPES = ("fp32", "bf16")
 DEFAULT_SIZES = (1024, 2048)
-REPEATS = 5
-MIN_REPEATS = 3
 
 
 class ProbeError(ValueError):
     """Bad probe input (flags); printed on one line with exit code 2."""
-
-
-def time_gemm(fn: Callable[[], Any], n: int, budget_s: float, repeats: int = REPEATS) -> dict[str, float]:
-    """GFLOP/s of `fn` (one n³ GEMM that has finished when it returns), median of up to `repeats` windows."""
-    fn()  # the first call builds kernels / compiles / faults in the output: not the steady state
-    t0 = time.perf_counter()
-    fn()  # a second warm-up call, timed to size the windows
-    once = max(time.perf_counter() - t0, 1e-7)
-    # Slow cases (N=2048 on one CPU) get fewer windows, never under MIN_REPEATS, to keep to the budget;
-    # fast ones (small N) several calls per window, so timer resolution and call overhead do not count.
-    repeats = max(MIN_REPEATS, min(repeats, int(budget_s / once)))
-    inner = max(1, min(1000, int(budget_s / repeats / once)))
-    windows = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        windows.append((time.perf_counter() - t0) / inner)
-    sec = statistics.median(windows)
-    return {"gflops": 2 * n ** 3 / sec / 1e9, "ms": sec * 1e3, "repeats": repeats, "calls": inner * repeats}
 
 
 def torch_cases(sizes: Sequence[int]) -> tuple[list[tuple[str, str, int, Callable[[], Any]]], dict[str, Any]]:

@@ -17,6 +17,9 @@ TINY_VOCAB = 256
 
 # One JAX compilation cache for this test session (and its subprocesses), not the user's ~/.cache.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="gpt2-twin-jax-cache-"))
+# The speed levers' fixed choices: no probe in the tiny runs, nothing read from or written to a levers
+# cache (tests/test_levers.py asks for the probe itself).
+os.environ["GPT2TWIN_LEVERS"] = "fixed"
 
 
 @pytest.fixture(scope="session")

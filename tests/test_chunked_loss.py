@@ -167,18 +167,24 @@ def test_chunked_loss_under_bf16_stays_close_to_unfused(backend):
 
 def test_model_loss_chunk_rows_config_selects_the_path_in_both_backends():
     unfused = dataclasses.replace(CFG, loss_chunk_rows=0)
+    chunked = dataclasses.replace(CFG, loss_chunk_rows=CHUNK)
     idx = np.random.default_rng(1).integers(0, V, (3, 16))
     targets = np.random.default_rng(2).integers(0, V, (3, 16))
     model = tm.GPT(unfused).train()
-    assert model.loss_chunk_rows == 0 and tm.GPT(CFG).loss_chunk_rows == 128
+    assert model.loss_chunk_rows == 0 and tm.GPT(chunked).loss_chunk_rows == CHUNK
     logits, _ = model(torch.tensor(idx), torch.tensor(targets))
     assert logits.shape == (3, 16, VP)  # the unfused path materialises the logits
+    # A config the levers have not resolved (-1: the trainers choose per machine) computes the full logits.
+    assert CFG.loss_chunk_rows == -1 and tm.GPT(CFG).train()(torch.tensor(idx), torch.tensor(targets))[0] is not None
+    assert tm.GPT(chunked).train()(torch.tensor(idx), torch.tensor(targets))[0] is None
     params = jm.from_common(init_weights(CFG, 0), CFG)
-    by_config = float(jm.GPT(unfused).apply({"params": params}, jnp.asarray(idx), jnp.asarray(targets),
-                                            method=jm.GPT.loss))
-    explicit = float(jm.GPT(CFG).apply({"params": params}, jnp.asarray(idx), jnp.asarray(targets),
-                                       method=jm.GPT.loss, chunk_rows=0))
-    assert by_config == explicit
+
+    def jax_loss(cfg, **kw):
+        return float(jm.GPT(cfg).apply({"params": params}, jnp.asarray(idx), jnp.asarray(targets),
+                                       method=jm.GPT.loss, **kw))
+
+    assert jax_loss(unfused) == jax_loss(chunked, chunk_rows=0) == jax_loss(CFG)
+    assert jax_loss(chunked) == jax_loss(unfused, chunk_rows=CHUNK)
 
 
 def test_torch_chunked_loss_refuses_a_second_backward_over_its_spent_gradients():

@@ -116,5 +116,6 @@ def test_loss_chunk_rows_is_a_compute_choice_not_a_shape():
     cfg = Config()
     other = apply_overrides(cfg, ["--model.loss_chunk_rows", "0"])
     assert other.model.loss_chunk_rows == 0 and model_shape_diff(cfg.model, other.model) == []
+    assert validate(apply_overrides(cfg, ["--model.loss_chunk_rows", "-1"])).model.loss_chunk_rows == -1  # the machine's
     with pytest.raises(ConfigError, match="model.loss_chunk_rows must be ≥ 0"):
-        validate(apply_overrides(cfg, ["--model.loss_chunk_rows", "-1"]))
+        validate(apply_overrides(cfg, ["--model.loss_chunk_rows", "-2"]))

@@ -12,6 +12,7 @@ import pytest
 
 from common.backend import DistInfo
 from common.checkpoints import latest_checkpoint, read_meta, write_meta
+from common.levers import Choice, Levers
 from common.loop import MAX_PENDING_STEPS, NonFiniteError, train
 from common.records import read_records
 from conftest import tiny_config
@@ -90,8 +91,8 @@ class FakeBackend:
         meta = read_meta(folder)
         return meta.step, meta
 
-    def peak_flops(self, cfg, dist):
-        return 1e12, "fake"
+    def levers(self, cfg, dist):
+        return Levers("fake", {"threads": Choice(1, "config")}, peak_flops=1e12, peak_source="fake")
 
 
 def config(tiny_shards, out_dir, max_steps=12, **run):

@@ -48,7 +48,8 @@ def measure(cfg: Config, steps: int, windows: int, warmup: int) -> dict:
         return float(m["loss"])  # forces the step to finish, as the loop's logging does
 
     timing = benchtiming.time_steps(step, steps, windows, warmup, lambda: _sync(state.device))
-    peak, peak_source = BACKEND.peak_flops(cfg, dist)
+    chosen = BACKEND.levers(cfg, dist)
+    peak, peak_source = chosen.peak_flops, chosen.peak_source
     return {"backend": "torch", "compile": cfg.run.compile, "dtype": cfg.run.dtype, "device": dist.device,
             "threads": torch.get_num_threads(), **benchtiming.figures(cfg, accum, timing, peak, peak_source),
             "minflt_per_step": timing.minflt_per_step, "compile_s": None}

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from torch_impl.ops import ONEDNN_FP32_HEAD, matmul, matmul_add_
+from torch_impl.ops import matmul, matmul_add_
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -53,7 +53,7 @@ class _ChunkedLMLoss(torch.autograd.Function):
             for start in range(0, n, chunk_rows):
                 h_c, t_c = h[start:start + chunk_rows].to(compute), targets[start:start + chunk_rows]
                 # log_softmax is F.cross_entropy's own first step: one fused pass over the chunk.
-                logp = torch.log_softmax(matmul(h_c, w.t(), onednn=ONEDNN_FP32_HEAD).to(wide), dim=1)  # (rows, V)
+                logp = torch.log_softmax(matmul(h_c, w.t(), lever="head_gemm").to(wide), dim=1)  # (rows, V)
                 loss -= logp.gather(1, t_c[:, None]).sum()
                 if with_grad:  # n · d mean-loss / d logits = softmax − onehot, in place over logp; the 1/n
                     # is applied to the two small products instead of to the (rows, V) chunk.

@@ -1,34 +1,49 @@
-"""The kernels the torch model calls its own way: fp32 GEMMs through oneDNN on CPUs where it is faster.
+"""The kernels the torch model calls its own way: fp32 GEMMs through oneDNN where the machine runs them faster.
 
 jax_impl/ops.py is its counterpart (what XLA needs written out). Same precision either way, another
-summation order; `python -m parity.probe` measures this CPU's GEMM rates per library.
+summation order. Which library runs what is a lever (torch_impl/levers.py times both on the machine at
+hand and calls set_gemm): aten's sgemm (MKL in the CPU wheels, whose fast path depends on the CPU) or
+oneDNN's JIT kernels, separately for the blocks' linears (and the head's two backward products) and for
+the tied head's forward, whose shape (K = n_embd against the 50k-wide vocabulary) is unlike the others'.
 """
 from __future__ import annotations
 
 import torch
 
-from common.cpuinfo import cpuinfo_field
-
-_ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-# fp32 matmuls of the blocks through oneDNN instead of aten's MKL sgemm where MKL is slow: MKL takes its
-# generic path on non-Intel CPUs. On Intel CPUs MKL is as fast or faster for every block GEMM, and
-# oneDNN's weight-gradient GEMM (two transposed inputs, reordered by copies) is slower, so they stay on
-# aten. Only plain fp32 eager CPU calls take oneDNN: autocast, fp64 and torch.compile keep aten.
-ONEDNN_FP32 = _ONEDNN_AVAILABLE and cpuinfo_field("vendor_id") != "GenuineIntel"
-# The tied head's forward (K = n_embd against the 50k-wide vocabulary) is faster on oneDNN on both vendors.
-ONEDNN_FP32_HEAD = _ONEDNN_AVAILABLE
+GEMMS = ("aten", "onednn")
 
 
-def _use_onednn(*tensors: torch.Tensor, enabled: bool | None = None) -> bool:
-    return ((ONEDNN_FP32 if enabled is None else enabled)
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+# The library of each GEMM lever ("gemm": the blocks, "head_gemm": the head's forward). Only plain fp32
+# eager CPU calls take oneDNN: autocast, fp64 and torch.compile keep aten.
+_LIBRARY = {"gemm": "aten", "head_gemm": "aten"}
+
+
+def set_gemm(gemm: str, head_gemm: str) -> None:
+    """Route fp32 CPU GEMMs through `gemm` and the head's forward through `head_gemm` (one of GEMMS)."""
+    for lever, library in (("gemm", gemm), ("head_gemm", head_gemm)):
+        if library not in GEMMS or (library == "onednn" and not onednn_available()):
+            raise ValueError(f"{lever}: cannot use {library!r} (this torch has oneDNN: {onednn_available()})")
+        _LIBRARY[lever] = library
+
+
+def gemm_of(lever: str) -> str:
+    return _LIBRARY[lever]
+
+
+def _use_onednn(*tensors: torch.Tensor, lever: str = "gemm") -> bool:
+    return (_LIBRARY[lever] == "onednn"
             and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
 
 
-def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, onednn: bool | None = None
+def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, lever: str = "gemm"
            ) -> torch.Tensor:
-    """a @ b (+ bias) for 2-D a and b, without autograd; oneDNN for fp32 on CPU where it is the faster library."""
-    if _use_onednn(a, b, enabled=onednn):
+    """a @ b (+ bias) for 2-D a and b, without autograd, through the library of `lever`."""
+    if _use_onednn(a, b, lever=lever):
         return torch.ops.mkldnn._linear_pointwise(a, b.t(), bias, "none", [], "")
     return torch.addmm(bias, a, b) if bias is not None else a @ b
 

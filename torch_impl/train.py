@@ -25,10 +25,10 @@ from common.backend import DistInfo
 from common.checkpoints import CheckpointMeta, open_checkpoint
 from common.config import Config
 from common.diagnostics import summarize_diagnostics
+from common.levers import Levers, configured
 from common.names import init_weights
-from common.plan import peak_flops
 from common.schedule import lr_at
-from torch_impl import checkpoint, dist
+from torch_impl import checkpoint, dist, levers
 from torch_impl.evaluate import token_losses
 from torch_impl.model import GPT, from_common, to_common
 from torch_impl.optim import build_optimizer, clip_by_global_norm, set_lr
@@ -46,6 +46,7 @@ class TrainState:
     eval_model: torch.nn.Module  # compiled view without DDP (evaluation has no backward to sync)
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
+    levers: Levers  # the speed levers this state trains with (torch_impl/levers.py), applied to the process
     step: int = 0
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -55,8 +56,11 @@ class TrainState:
 def init_state(cfg: Config, dist_info: DistInfo, weights: dict[str, np.ndarray] | None = None,
                moments: dict[str, Any] | None = None) -> TrainState:
     """Model + optimizer (+ loss scaler) at step 0, from `weights` or the common GPT-2 init of run.seed
-    (the same arrays as the JAX backend's); `moments` restores AdamW's state and step."""
+    (the same arrays as the JAX backend's); `moments` restores AdamW's state and step. The levers of
+    this machine are chosen (probed the first time) and applied first."""
     device = torch.device(dist_info.device)
+    chosen = levers.choose(cfg, device)
+    cfg = configured(cfg, chosen)
     _, param_dtype = dist.dtypes(cfg.run.dtype)
     source = "initial weights" if weights is not None else "init"
     model = from_common(init_weights(cfg.model, cfg.run.seed) if weights is None else weights, cfg.model,
@@ -66,7 +70,7 @@ def init_state(cfg: Config, dist_info: DistInfo, weights: dict[str, np.ndarray] 
     compiled = torch.compile(model) if cfg.run.compile else model
     scaler = torch.amp.GradScaler(device.type) if dist.precision(cfg.run.dtype).loss_scaling else None
     state = TrainState(cfg=cfg, dist=dist_info, device=device, model=model, train_model=dist.wrap_model(compiled, device),
-                       eval_model=compiled, optimizer=build_optimizer(model, cfg), scaler=scaler)
+                       eval_model=compiled, optimizer=build_optimizer(model, cfg), scaler=scaler, levers=chosen)
     return set_moments(state, moments) if moments is not None else state
 
 
@@ -225,8 +229,8 @@ class TorchBackend:
         state = init_state(cfg, dist_info, weights=checkpoint.read_weights(folder, cfg))
         return checkpoint.load_checkpoint(folder, state), meta
 
-    def peak_flops(self, cfg: Config, dist_info: DistInfo) -> tuple[float, str]:
-        return peak_flops(torch.device(dist_info.device).type, cfg.run.dtype, cfg.run.peak_tflops)
+    def levers(self, cfg: Config, dist_info: DistInfo) -> Levers:
+        return levers.choose(cfg, torch.device(dist_info.device))
 
     # --- common.backend.ParityHooks -------------------------------------------------------------------
     @torch.no_grad()
