@@ -9,8 +9,8 @@ run header:
   device  fixed on CUDA devices, where nothing is probed
   cache   an earlier probe on this machine decided it (levers-<backend>-<machine>.json in CACHE_DIR)
   probe   timed just now (then cached)
-  isa     from the CPU's instruction set, without timing anything (`run.levers = "fixed"`)
-  only    the framework has this one way (XLA sizes its thread pool itself)
+  fixed   a rule that needs no timing: the framework has one way (XLA's dot kernels and thread pool),
+          the dtype has one library (bf16 autocast), or `run.levers = "fixed"` takes the defaults
   env     the process environment (GLIBC_TUNABLES)
 
 A machine is its CPU model, the instruction-set extensions that decide kernels (AVX2, AVX-512,
@@ -45,7 +45,7 @@ MODE_ENV = "GPT2TWIN_LEVERS"
 CACHE_DIR = Path(os.environ.get("GPT2TWIN_CACHE_DIR", "~/.cache/gpt2-twin")).expanduser()
 # The extensions that pick GEMM kernels, in the order a header lists them.
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
-SOURCES = ("config", "device", "cache", "probe", "isa", "only", "env")
+SOURCES = ("config", "device", "cache", "probe", "fixed", "env")
 # A probed candidate replaces the framework's own default only when it is this much faster (median of
 # same-round ratios): noise must not flip a lever between runs.
 MARGIN = 0.05
