@@ -43,22 +43,28 @@ def test_weight_decay_groups_hold_exactly_the_2d_params(tmp_path):
 
 def test_accumulation_matches_the_full_batch(tmp_path):
     cfg = twenty_step_config(tmp_path, tmp_path)
-    # Adam's first step is lr·g/(|g| + eps): a gradient element near eps (1e-8) turns its rounding-level
-    # difference into a ~1e-6 weight difference. On this batch no element of the common init's gradient
-    # sits there, so the elementwise bound below checks the accumulation itself.
     x, y = batch(1, 8, seed=1)
     full, split = new_state(cfg), new_state(cfg)
     loss_full = accumulate_gradients(full, torch.from_numpy(x).long(), torch.from_numpy(y).long())
     loss_split = accumulate_gradients(split, torch.from_numpy(x.reshape(2, 4, 16)).long(),
                                       torch.from_numpy(y.reshape(2, 4, 16)).long())
     assert abs(loss_full.item() - loss_split.item()) < 1e-6
+    grads = {}
     for (name, a), b in zip(full.model.named_parameters(), split.model.parameters()):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=0, msg=name)
+        grads[name] = (a.grad.clone(), (a.grad - b.grad).abs())
     norm_full, _ = apply_update(full)
+    lr, eps = full.optimizer.param_groups[0]["lr"], cfg.optim.eps  # the step's own lr, set by apply_update
     norm_split, _ = apply_update(split)
     assert abs(norm_full.item() - norm_split.item()) < 1e-6
     for (name, a), b in zip(full.model.named_parameters(), split.model.parameters()):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
+        # Adam's first step moves a weight by lr·g/(|g| + eps), whose slope in g is lr·eps/(|g| + eps)²: where |g|
+        # is a few eps, a rounding-level gradient difference (another GEMM library sums in another order) moves
+        # the weight by far more than rounding. The bound is that slope times the measured difference, twice.
+        g, dg = grads[name]
+        bound = 1e-6 + 2 * lr * eps * dg / (g.abs() + eps) ** 2
+        worst = ((a - b).abs() - bound).max().item()
+        assert worst <= 0, f"{name}: {worst:.3g} over the bound"
 
 
 def test_schedule_is_applied_every_step(tmp_path):
