@@ -30,6 +30,7 @@ import os
 import platform
 import re
 import statistics
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -45,7 +46,6 @@ MODE_ENV = "GPT2TWIN_LEVERS"
 CACHE_DIR = Path(os.environ.get("GPT2TWIN_CACHE_DIR", "~/.cache/gpt2-twin")).expanduser()
 # The extensions that pick GEMM kernels, in the order a header lists them.
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
-SOURCES = ("config", "device", "cache", "probe", "fixed", "env")
 # A probed candidate replaces the framework's own default only when it is this much faster (median of
 # same-round ratios): noise must not flip a lever between runs.
 MARGIN = 0.05
@@ -61,9 +61,6 @@ class Machine:
     cpu: str
     isa: tuple[str, ...]
     cpus: int  # CPUs this process may run on
-
-    def has(self, flag: str) -> bool:
-        return flag in self.isa
 
     def key(self) -> str:
         """A file-name-safe name: readable model and core count, plus a hash of the whole identity."""
@@ -85,7 +82,7 @@ def this_machine() -> Machine:
 @dataclass(frozen=True)
 class Choice:
     value: Any
-    source: str  # one of SOURCES
+    source: str  # config, device, cache, probe, fixed or env (the module docstring)
     note: str = ""  # what the value means, when the value alone does not say
 
 
@@ -176,8 +173,6 @@ def fastest(timings: Mapping[Any, Sequence[float]], default: Any, margin: float 
 
 def interleaved(candidates: Mapping[Any, Callable[[], None]], rounds: int) -> dict[Any, list[float]]:
     """Seconds of each candidate's call, `rounds` times in alternation, after one untimed call each."""
-    import time
-
     for fn in candidates.values():
         fn()
     out: dict[Any, list[float]] = {c: [] for c in candidates}

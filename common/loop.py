@@ -28,6 +28,7 @@ from common.cli import INPUT_ERRORS
 from common.config import Config, ConfigError, DataConfig, build_parser, parse_args, validate
 from common.data import DataError, loader_for, val_batches_for
 from common.hellaswag import HellaSwagError, load_examples
+from common.levers import Levers
 from common.loggers import Sinks, open_sinks
 from common.outdir import hold
 from common.plan import flops_per_token, plan_lines
@@ -146,13 +147,15 @@ def train(backend: Backend, cfg: Config, resume: str | None = None, log: Callabl
     cfg = validate(cfg, dist.data_parallel_size)
     say = log if dist.is_main else (lambda *a, **k: None)
     _check_hellaswag(cfg)
+    # Before the output folder exists: a lever value this backend cannot take is refused with nothing written.
+    chosen = backend.levers(cfg, dist)
     ensure_data(cfg, say)
     out_dir = resolve_out_dir(cfg, backend)
     with hold(out_dir, "run.out_dir") if dist.is_main else contextlib.nullcontext():
-        return _train(backend, cfg, dist, out_dir, resume, say)
+        return _train(backend, cfg, dist, chosen, out_dir, resume, say)
 
 
-def _train(backend: Backend, cfg: Config, dist: DistInfo, out_dir: Path, resume: str | None,
+def _train(backend: Backend, cfg: Config, dist: DistInfo, chosen: Levers, out_dir: Path, resume: str | None,
            say: Callable[..., None]) -> TrainResult:
     o, r = cfg.optim, cfg.run
     loader = loader_for(cfg, dist)
@@ -191,7 +194,6 @@ def _train(backend: Backend, cfg: Config, dist: DistInfo, out_dir: Path, resume:
 
     for line in plan_lines(cfg, dist.data_parallel_size, loader.stream.epoch_tokens):
         say(line)
-    chosen = backend.levers(cfg, dist)
     peak = chosen.peak_flops
     mfu_line = (f"MFU against {peak / 1e12:.3g} TFLOP/s per replica ({chosen.peak_source})" if peak
                 else f"no MFU: GEMM peak {chosen.peak_source}")

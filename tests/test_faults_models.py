@@ -96,7 +96,7 @@ def test_readers_refuse_bad_input(case, fault_world, tmp_path, capsys):
 @pytest.mark.parametrize("module", ["torch_impl.evaluate", "jax_impl.evaluate"])
 def test_a_truncated_unhashed_jax_checkpoint_is_one_line_in_a_fresh_process(module, fault_world):
     # Checkpoints saved before files were hashed reach orbax, whose reads still in flight when the restore fails
-    # used to print tracebacks after the error line, at random: the process itself is the subject here.
+    # can print tracebacks around the error line, at random and late: the process itself is the subject here.
     argv = [sys.executable, "-m", module, "--checkpoint", str(fault_world["jax_legacy_truncated"]), "--val-tokens", "0"]
     for _ in range(2):
         done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300,

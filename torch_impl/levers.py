@@ -48,7 +48,7 @@ def choose(cfg: Config, device: torch.device, log: Callable[[str], None] = print
                         ("threads", torch.get_num_threads())):
             fixed[name] = Choice(v, "device")
         result = Levers("torch", {n: {**fixed, **explicit}[n] for n in NAMES})
-        result.peak_flops, result.peak_source = cuda_peak(cfg, device)
+        result.peak_flops, result.peak_source = accelerator_peak(cfg, device)
         return result
     defaults = {"gemm": Choice("aten", "fixed"), "head_gemm": Choice("aten", "fixed"),
                 "loss_chunk_rows": Choice(FIXED_CHUNK_ROWS, "fixed"), "threads": Choice(torch.get_num_threads(), "fixed")}
@@ -173,15 +173,15 @@ def gemm_peak(dtype: str) -> tuple[float, str]:
                            f"{torch.get_num_threads()} threads) on this machine")
 
 
-def cuda_peak(cfg: Config, device: torch.device) -> tuple[float, str]:
+def accelerator_peak(cfg: Config, device: torch.device) -> tuple[float, str]:
     """run.peak_tflops, else the GPU's datasheet peak by name, else a probed GEMM in the run's dtype."""
     if cfg.run.peak_tflops > 0:
         return cfg.run.peak_tflops * 1e12, "run.peak_tflops"
-    return _probed_cuda_peak(cfg.run.dtype, str(device))
+    return _probed_accelerator_peak(cfg.run.dtype, str(device))
 
 
 @functools.cache
-def _probed_cuda_peak(dtype: str, device_name: str) -> tuple[float, str]:
+def _probed_accelerator_peak(dtype: str, device_name: str) -> tuple[float, str]:
     device = torch.device(device_name)
     name = torch.cuda.get_device_name(device)
     sheet = datasheet_peak(name, dtype)
