@@ -49,10 +49,12 @@ ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
 # A probed candidate replaces the framework's own default only when it is this much faster (median of
 # same-round ratios): noise must not flip a lever between runs.
 MARGIN = 0.05
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # raised when the probe measures differently, so that older entries are probed again
 FIXED_CHUNK_ROWS = 128  # run.levers fixed, and accelerators: the row-chunked head
 PROBE_ROUNDS = 3
-MAX_PROBE_ROWS = 512  # rows timed per head pass (larger micro-steps are timed on 512: the probe takes seconds)
+# Rows timed per head pass: the best chunk size depends on how many chunks a micro-step splits into, so
+# the probe times the run's own rows, up to this many (larger micro-steps too, so that it takes seconds).
+MAX_PROBE_ROWS = 1024
 GEMM_PEAK_N = 1024  # the CPU GEMM peak's N×N product
 
 
