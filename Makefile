@@ -9,8 +9,9 @@ endif
 
 # glibc malloc tuned for training steps that free and re-allocate the same large buffers (measured in
 # docs/performance.md; numerics unchanged): malloc'd memory on transparent huge pages, blocks up to
-# glibc's 32 MB ceiling taken from the heap (the chunked loss keeps its buffers below it) and the heap
-# never trimmed below 1 GiB, so steady-state steps reuse memory instead of page-faulting it anew.
+# glibc's 32 MB ceiling taken from the heap (the chunked loss's buffers fit under it at 128-row chunks;
+# the probe times larger chunks under these same settings) and the heap never trimmed below 1 GiB, so
+# steady-state steps reuse memory instead of page-faulting it anew.
 # The same value as common/launch.py GLIBC_TUNABLES (the one definition; tests/test_launch.py checks
 # they agree), which the trainers and benches set for themselves by re-executing when started directly.
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824

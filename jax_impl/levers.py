@@ -1,6 +1,7 @@
 """JAX's speed levers (common/levers.py): what the probe times on this machine, and how a choice is applied.
 
-Levers: `gemm` and `head_gemm` (XLA's own dot kernels: there is no other library to route to),
+Levers: `gemm` and `head_gemm` (XLA:CPU picks each dot's library itself; its flags for other routes
+timed within noise of that, docs/performance.md),
 `loss_chunk_rows` (rows per chunk of the fused head + loss, 0 = the full logits), `threads` (XLA sizes
 its pool from the CPUs the process may use, so it is not set from inside: a run with fewer threads is
 started under `taskset`) and `allocator` (glibc's tunables, set at start-up). The probe compiles and
