@@ -52,8 +52,12 @@ class _ChunkedLMLoss(torch.autograd.Function):
             grad_w = torch.zeros_like(wte) if with_grad else None
             for start in range(0, n, chunk_rows):
                 h_c, t_c = h[start:start + chunk_rows].to(compute), targets[start:start + chunk_rows]
-                # log_softmax is F.cross_entropy's own first step: one fused pass over the chunk.
-                logp = torch.log_softmax(matmul(h_c, w.t(), lever="head_gemm").to(wide), dim=1)  # (rows, V)
+                # log_softmax is F.cross_entropy's own first step: one fused pass over the chunk. It
+                # overwrites the logits, which nothing reads again: a second (rows, V) buffer would be
+                # fresh memory, page-faulted in on every chunk (each row is read whole before it is
+                # written, so the result is the same bit for bit).
+                logits = matmul(h_c, w.t(), lever="head_gemm").to(wide)  # (rows, V)
+                logp = torch.log_softmax(logits, dim=1, out=logits)
                 loss -= logp.gather(1, t_c[:, None]).sum()
                 if with_grad:  # n · d mean-loss / d logits = softmax − onehot, in place over logp; the 1/n
                     # is applied to the two small products instead of to the (rows, V) chunk.
