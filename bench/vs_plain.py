@@ -9,13 +9,13 @@ are cold: an empty JAX compilation cache and an empty inductor cache for every w
 """
 from __future__ import annotations
 
-import os
 import tempfile
 from typing import Any, Mapping, Sequence
 
 from bench.pairwise import bench, config_line, levers_lines, ratio_summary, same_round_ratios
 from bench.trainee import BACKENDS, PLAIN
 from common.config import Config, ConfigError
+from common.levers import usable_cpus
 
 LABELS = {"torch": "torch", "jax": "JAX", "plain_torch": "plain torch", "plain_jax": "plain JAX"}
 
@@ -45,7 +45,7 @@ def vs_plain(cfg: Config, rounds: int, window: int, warmup: int, pin: str | None
         b: ratio_summary(same_round_ratios(figures[b]["windows"], figures[PLAIN[b]]["windows"])) for b in backends}
     if "jax_over_torch" in report:
         report["jax_over_torch_spread"] = ratio_summary(report["jax_over_torch_rounds"])
-    report["usable_cpus"] = len(os.sched_getaffinity(0))
+    report["usable_cpus"] = usable_cpus()
     return report
 
 

@@ -1,5 +1,5 @@
-"""Fields of /proc/cpuinfo: which CPU this is decides the fastest GEMM library (torch_impl.model) and is
-printed with every benchmark (parity.bench)."""
+"""Fields of /proc/cpuinfo: which CPU this is names the machine whose levers are cached (common/levers.py)
+and is printed with every benchmark (parity.bench)."""
 from __future__ import annotations
 
 

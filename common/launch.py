@@ -67,8 +67,9 @@ def allocator_setting() -> tuple[str, str, str]:
         return "system malloc", "fixed", "no glibc tunables here"
     value = os.environ.get("GLIBC_TUNABLES")
     if value is None:
-        why = f"{NO_REEXEC} is set" if NO_REEXEC in os.environ else "not started through an entry point"
-        return "glibc defaults", "env" if NO_REEXEC in os.environ else "fixed", why
+        if NO_REEXEC in os.environ:
+            return "glibc defaults", "env", f"{NO_REEXEC} is set"
+        return "glibc defaults", "fixed", "not started through an entry point"
     if value == GLIBC_TUNABLES:
         if os.environ.get(REEXECUTED) == "1":
             return "glibc tunables", "fixed", "set at start-up"

@@ -74,11 +74,15 @@ class Machine:
         return f"{self.cpu} ({', '.join(self.isa) or 'no AVX2'}; {self.cpus} usable CPUs)"
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (taskset narrows them)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def this_machine() -> Machine:
     flags = set(cpuinfo_field("flags").split())
     cpu = cpuinfo_field("model name") or platform.processor() or platform.machine() or "unknown CPU"
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return Machine(cpu=cpu, isa=tuple(f for f in ISA_FLAGS if f in flags), cpus=cpus)
+    return Machine(cpu=cpu, isa=tuple(f for f in ISA_FLAGS if f in flags), cpus=usable_cpus())
 
 
 @dataclass(frozen=True)
@@ -263,8 +267,10 @@ def resolve(backend: str, cfg: Config, *, explicit: Mapping[str, Choice], fixed:
     it was measured), cached beside the levers; None measures nothing."""
     machine = machine or this_machine()
     mode = lever_mode(cfg)
+    # The defaults' values decide only under run.levers fixed; elsewhere they may depend on what an earlier
+    # resolve applied (torch's thread count), which must not make a second resolve probe again.
     key = (backend, entry, mode, cfg.run.peak_tflops, cfg.run.dtype, tuple(explicit.items()), tuple(fixed.items()),
-           tuple(defaults.items()), machine, root)
+           tuple(defaults.items()) if mode == "fixed" else tuple(defaults), machine, root)
     if key in _RESOLVED:  # once per process: a second init_state, the header and MFU read the same choice
         return _RESOLVED[key]
     choices: dict[str, Choice] = {**fixed, **explicit}

@@ -1,7 +1,6 @@
 """JAX's speed levers (common/levers.py): what the probe times on this machine, and how a choice is applied.
 
-Levers: `gemm` and `head_gemm` (XLA:CPU picks each dot's library itself; its flags for other routes
-timed within noise of that, docs/performance.md),
+Levers: `gemm` and `head_gemm` (XLA:CPU picks each dot's library itself, so there is nothing to choose),
 `loss_chunk_rows` (rows per chunk of the fused head + loss, 0 = the full logits), `threads` (XLA sizes
 its pool from the CPUs the process may use, so it is not set from inside: a run with fewer threads is
 started under `taskset`) and `allocator` (glibc's tunables, set at start-up). The probe compiles and
@@ -27,10 +26,6 @@ from jax_impl.loss import chunked_lm_loss, lm_loss
 NAMES = ("gemm", "head_gemm", "loss_chunk_rows", "threads", "allocator")
 
 
-def usable_cpus() -> int:
-    return levers.this_machine().cpus
-
-
 def explicit_choices(cfg: Config) -> dict[str, Choice]:
     """The levers the config sets (model.loss_chunk_rows ≥ 0, run.threads > 0, run.cpu_gemm)."""
     out = levers.config_choices(cfg)
@@ -39,9 +34,9 @@ def explicit_choices(cfg: Config) -> dict[str, Choice]:
             raise ConfigError(f"run.cpu_gemm: JAX's GEMMs are XLA's (xla), got '{cfg.run.cpu_gemm}'")
         out["gemm"] = out["head_gemm"] = Choice("xla", "config")
     if cfg.run.threads > 0:
-        if cfg.run.threads != usable_cpus():
+        if cfg.run.threads != levers.usable_cpus():
             raise ConfigError(f"run.threads: XLA sizes its thread pool from the CPUs this process may use "
-                              f"({usable_cpus()}); start JAX under `taskset -c 0-{cfg.run.threads - 1}` for "
+                              f"({levers.usable_cpus()}); start JAX under `taskset -c 0-{cfg.run.threads - 1}` for "
                               f"{cfg.run.threads}")
         out["threads"] = Choice(cfg.run.threads, "config")
     return out
@@ -51,7 +46,7 @@ def choose(cfg: Config, platform: str, log: Callable[[str], None] = print) -> Le
     """The levers of `cfg` on `platform` ("cpu", "gpu", ...)."""
     fixed = {"allocator": levers.allocator_choice(), "gemm": Choice("xla", "fixed", "XLA's dot kernels"),
              "head_gemm": Choice("xla", "fixed", "XLA's dot kernels"),
-             "threads": Choice(usable_cpus(), "fixed", "XLA's pool spans the usable CPUs")}
+             "threads": Choice(levers.usable_cpus(), "fixed", "XLA's pool spans the usable CPUs")}
     explicit = explicit_choices(cfg)
     if platform != "cpu":
         fixed.update(loss_chunk_rows=Choice(FIXED_CHUNK_ROWS, "device"))
@@ -118,7 +113,7 @@ def gemm_peak(dtype: str) -> tuple[float, str]:
     a, b = (jnp.asarray(rng.standard_normal((GEMM_PEAK_N, GEMM_PEAK_N)), dt) for _ in range(2))
     matmul = jax.jit(jnp.dot)
     gflops = time_gemm(lambda: matmul(a, b).block_until_ready(), GEMM_PEAK_N, 0.3)["gflops"]
-    return gflops * 1e9, (f"{dtype} GEMM peak {gflops:,.0f} GFLOP/s (XLA, N={GEMM_PEAK_N}, {usable_cpus()} CPUs) "
+    return gflops * 1e9, (f"{dtype} GEMM peak {gflops:,.0f} GFLOP/s (XLA, N={GEMM_PEAK_N}, {levers.usable_cpus()} CPUs) "
                           f"on this machine")
 
 

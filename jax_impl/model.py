@@ -146,8 +146,9 @@ class Block(nn.Module):
 
 
 def scan_layers_for(platform: str) -> bool:
-    """Whether the layer stack runs as one lax.scan on `platform`: on CPUs, where compiling the block
-    once instead of n_layer times shortens the first step; not on GPUs, where the unrolled stack lets
+    """Whether the layer stack runs as one lax.scan on `platform`: on CPUs, where the scanned program
+    loads from the persistent compilation cache faster and compiles faster for deep stacks (the unrolled
+    one compiles faster for shallow ones, docs/performance.md); not on GPUs, where the unrolled stack lets
     XLA schedule and fuse across layers and skip the stacking copies, for a faster step
     (`python -m parity.gpu` measures the step; `python -m parity.bench --suite --compile-time` the compile)."""
     return platform != "gpu"

@@ -58,11 +58,10 @@ def compiled_part(cfg: Config) -> Config:
 
 
 class Runtime:
-    """Model, optimizer and jitted step functions for one (compiled_part(config), mesh), and the levers
-    (jax_impl/levers.py) they were built with."""
+    """Model, optimizer and jitted step functions for one (compiled_part(config), mesh)."""
 
-    def __init__(self, cfg: Config, mesh: Mesh, chosen: Levers):
-        self.cfg, self.mesh, self.levers = cfg, mesh, chosen
+    def __init__(self, cfg: Config, mesh: Mesh):
+        self.cfg, self.mesh = cfg, mesh
         self.dtype, self.param_dtype = dist.dtypes(cfg.run.dtype)
         platform = mesh.devices.flat[0].platform
         self.model = GPT(cfg.model, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -238,14 +237,17 @@ class JaxBackend:
     def runtime(self, cfg: Config) -> Runtime:
         """The Runtime of `cfg` on this backend's mesh (set up on first use), with this machine's levers
         (chosen, probed the first time, before anything is compiled)."""
+        key = (compiled_part(configured(cfg, self._levers(cfg))), self.mesh)
+        if key not in self._runtimes:
+            self._runtimes[key] = Runtime(key[0], self.mesh)
+        return self._runtimes[key]
+
+    def _levers(self, cfg: Config) -> Levers:
+        """This machine's levers for `cfg` (jax_impl/levers.py; common.levers resolves them once per process)."""
         if self.mesh is None:
             self.setup(cfg)
         dist.set_x64(cfg.run.dtype)
-        chosen = levers.choose(cfg, self.mesh.devices.flat[0].platform)
-        key = (compiled_part(configured(cfg, chosen)), self.mesh)
-        if key not in self._runtimes:
-            self._runtimes[key] = Runtime(key[0], self.mesh, chosen)
-        return self._runtimes[key]
+        return levers.choose(cfg, self.mesh.devices.flat[0].platform)
 
     def _rt(self, state: TrainState) -> Runtime:
         """The Runtime that made `state` (x64 switched back on or off if another dtype ran since)."""
@@ -297,7 +299,7 @@ class JaxBackend:
         return checkpoint.load_checkpoint(folder, self.runtime(cfg).abstract_state()), meta
 
     def levers(self, cfg: Config, dist_info: DistInfo) -> Levers:
-        chosen = self.runtime(cfg).levers
+        chosen = self._levers(cfg)
         if (dist_info.device == "cpu" and dist_info.local_replicas > 1 and cfg.run.peak_tflops <= 0
                 and chosen.peak_flops is not None):
             # XLA's host devices all share the same cores: each replica gets a share of the machine.

@@ -28,7 +28,7 @@ from common.data import DataLoader
 from common.loop import ensure_data
 from common.outdir import make_output_dir
 from parity.compare import (TOLERANCES, Pair, Tolerances, global_rel, load_backends, make_loader, max_abs,
-                            start_pair, tensor_diffs, worst)
+                            start_pair, tensor_diffs, update_rel, worst)
 from parity.suite import run_suite
 
 
@@ -98,7 +98,7 @@ def run_check(cfg, steps: int, tol: Tolerances, log: Callable[[str], None] = pri
 
     wt, wj = pair.tb.to_common(pair.ts), pair.jb.to_common(pair.js)
     report["params_max_abs"] = max_abs(wt, wj)
-    report["params_rel"] = global_rel(wt, wj, {k: wt[k] - pair.init[k] for k in wt})
+    report["params_rel"] = update_rel(wt, wj, pair.init)
     check(steps, "parameters ‖θ_torch − θ_jax‖ / ‖θ_torch − θ₀‖", report["params_rel"], tol.params)
     mt_, mj_ = pair.tb.optimizer_moments(pair.ts), pair.jb.optimizer_moments(pair.js)
     report["moments_max_abs"] = {kind: max_abs(mt_[kind], mj_[kind]) for kind in ("m", "v")}

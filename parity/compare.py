@@ -60,6 +60,11 @@ def global_rel(a: dict[str, np.ndarray], b: dict[str, np.ndarray], ref: dict[str
     return 0.0 if num == 0 else (math.sqrt(num / den) if den > 0 else math.inf)
 
 
+def update_rel(a: dict[str, np.ndarray], b: dict[str, np.ndarray], init: dict[str, np.ndarray]) -> float:
+    """‖a − b‖ / ‖a − init‖: global_rel against what training moved the parameters from `init`."""
+    return global_rel(a, b, {k: a[k] - init[k] for k in a})
+
+
 def worst(diffs: dict[str, float], n: int = 5) -> list[tuple[str, float]]:
     return sorted(diffs.items(), key=lambda kv: -kv[1])[:n]
 

@@ -1,7 +1,7 @@
 """`python -m parity.probe`: this machine's GEMM peak, measured on the spot, for MFU figures.
 
 Square N×N @ N×N products in fp32 and bf16 through every library the two trainers use: torch's aten
-`a @ b`, torch's oneDNN `_linear_pointwise` (what torch_impl.model takes for fp32 on some CPUs) and a
+`a @ b`, torch's oneDNN `_linear_pointwise` (the `onednn` choice of torch_impl/ops.py's GEMM levers) and a
 jitted JAX `x @ y`. Each framework runs in its own subprocess, so neither framework's thread pool
 competes with the other's and torch and jax are never imported together; threads are what such a
 process gets by default (so `--pin 0` gives the single-CPU peak the same way). The figure per case is
@@ -32,8 +32,10 @@ class ProbeError(ValueError):
 def torch_cases(sizes: Sequence[int]) -> tuple[list[tuple[str, str, int, Callable[[], Any]]], dict[str, Any]]:
     import torch
 
+    from torch_impl.ops import onednn_available
+
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    onednn = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    onednn = onednn_available()
     cases = []
     gen = torch.Generator().manual_seed(0)
     for n in sizes:

@@ -117,8 +117,8 @@ def _dtensor() -> type:
     return DTensor
 
 
-def shard_model(model: torch.nn.Module, cfg: Config, device: torch.device) -> bool:
-    """FSDP2 in place when run.parallel is fsdp and there are several ranks; returns whether it sharded.
+def shard_model(model: torch.nn.Module, cfg: Config, device: torch.device) -> None:
+    """FSDP2 in place when run.parallel is fsdp and there are several ranks.
 
     Each transformer block is one all-gather/reduce-scatter unit, the root (embeddings, which the tied
     head also uses, and ln_f) another. run.fsdp_size below the world size shards within groups of that
@@ -130,7 +130,7 @@ def shard_model(model: torch.nn.Module, cfg: Config, device: torch.device) -> bo
     world = tdist.get_world_size() if is_distributed() else 1
     size = shard_group_size(cfg, world)
     if size == 1:
-        return False
+        return
     if precision(cfg.run.dtype).loss_scaling:
         raise ConfigError(f"run.dtype {cfg.run.dtype} with run.parallel fsdp: GradScaler's skipped steps would not "
                           f"agree across shards; use bf16")
@@ -148,7 +148,6 @@ def shard_model(model: torch.nn.Module, cfg: Config, device: torch.device) -> bo
             fsdp.fully_shard(block.ln_2, mesh=mesh, mp_policy=keep)
         fsdp.fully_shard(block, mesh=mesh, mp_policy=cast)
     fsdp.fully_shard(model, mesh=mesh, mp_policy=keep)
-    return True
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -232,7 +231,7 @@ def whole_rows(pieces: list[torch.Tensor], like: list[torch.Tensor]) -> list[tor
         return pieces
     group, size = _shard_group(like[0])
     chunks = [-(-t.shape[0] // size) for t in like]
-    mine = torch.cat([torch.nn.functional.pad(p, (0, c - p.numel())) for p, c in zip(pieces, chunks)])
+    mine = torch.cat([torch.nn.functional.pad(p.double(), (0, c - p.numel())) for p, c in zip(pieces, chunks)])
     gathered = [torch.empty_like(mine) for _ in range(size)]
     tdist.all_gather(gathered, mine, group=group)
     table = torch.stack(gathered)  # (ranks, sum of chunks)

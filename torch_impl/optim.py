@@ -59,7 +59,7 @@ def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     unsharded: a last-bit difference would move the clip coefficient and then every later step.
     """
     pieces = [torch.linalg.vector_norm(dist.local(g).flatten(1), dim=1).double().square() if g.ndim > 1
-              else dist.local(g).double() for g in grads]
+              else dist.local(g) for g in grads]
     whole = dist.whole_rows(pieces, grads)
     squares = [w if g.ndim > 1 else torch.linalg.vector_norm(w.to(g.dtype).reshape(1, -1), dim=1).double().square()
                for w, g in zip(whole, grads)]

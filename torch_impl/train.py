@@ -46,7 +46,6 @@ class TrainState:
     eval_model: torch.nn.Module  # compiled view without DDP (evaluation has no backward to sync)
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
-    levers: Levers  # the speed levers this state trains with (torch_impl/levers.py), applied to the process
     step: int = 0
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -70,7 +69,7 @@ def init_state(cfg: Config, dist_info: DistInfo, weights: dict[str, np.ndarray] 
     compiled = torch.compile(model) if cfg.run.compile else model
     scaler = torch.amp.GradScaler(device.type) if dist.precision(cfg.run.dtype).loss_scaling else None
     state = TrainState(cfg=cfg, dist=dist_info, device=device, model=model, train_model=dist.wrap_model(compiled, device),
-                       eval_model=compiled, optimizer=build_optimizer(model, cfg), scaler=scaler, levers=chosen)
+                       eval_model=compiled, optimizer=build_optimizer(model, cfg), scaler=scaler)
     return set_moments(state, moments) if moments is not None else state
 
 
