@@ -6,13 +6,13 @@ Each figure is the best of --repeats runs, since the machine may be shared.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 import time
 
 from common.prepare import STDLIB_VAL_TOKENS, prepare, stdlib_documents
 from common.tokenizer import get_tokenizer
+from common.usage import ExitingParser
 
 
 def raw_tokens_per_s(texts: list[str]) -> float:
@@ -31,9 +31,11 @@ def prepare_tokens_per_s(workers: int) -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.prepare", description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=3)
+    ap = ExitingParser(prog="python -m bench.prepare", description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3, help="timed passes of each kind; the fastest is reported")
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error(f"--repeats must be ≥ 1, got {args.repeats}")
     docs = stdlib_documents()
     texts = [p.read_bytes().decode("utf-8", errors="replace") for p in docs]
     cores = os.cpu_count() or 1

@@ -24,6 +24,7 @@ from typing import Any, Iterator, Mapping, Sequence, TextIO
 # The Makefile's allocator settings. Every worker of a comparison must run under the same ones, so a parent
 # started without them hands this value to each child (allocator_env).
 from common.launch import GLIBC_TUNABLES as MAKEFILE_TUNABLES
+from common.usage import UsageError
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULT_TAG = "@answer "
@@ -53,6 +54,24 @@ def child_env(extra_env: Mapping[str, str] | None = None, base: Mapping[str, str
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.update(extra_env or {})
     return env
+
+
+def parse_pin(text: str | None, flag: str = "--pin") -> str | None:
+    """A `taskset -c` CPU list ("0", "0,2", "0-3") checked against the CPUs this process may run on, so a CPU
+    the machine lacks is one line naming the flag instead of a worker dying under taskset. None stays None."""
+    if text is None:
+        return None
+    allowed = os.sched_getaffinity(0)
+    cpus: set[int] = set()
+    for part in text.split(","):
+        lo, dash, hi = part.strip().partition("-")
+        if not lo.isdigit() or (dash and not (hi.isdigit() and int(hi) >= int(lo))):
+            raise UsageError(f"{flag}: expected a CPU list such as 0, 0,1 or 0-3, got '{text}'")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    if missing := sorted(cpus - allowed):
+        raise UsageError(f"{flag} {text}: CPU {missing[0]} is not one this process may run on "
+                         f"({', '.join(map(str, sorted(allowed)))})")
+    return text
 
 
 def module_command(module: str, args: Sequence[Any] = (), pin: str | None = None,

@@ -1,7 +1,8 @@
 """Output folders: created with a one-line error naming the flag, and written by one run at a time.
 
 `make_output_dir(path, flag)` turns the OSError of a folder that cannot exist (a regular file on its path,
-no permission) into a FolderError naming the flag and the file in the way. `hold(folder, flag)` is a
+no permission) into a FolderError naming the flag and the file in the way; `output_file(path, flag)` checks a
+report's destination the same way before the work that fills it. `hold(folder, flag)` is a
 context manager holding an exclusive `flock` on `folder/.lock` for the life of a run; the holder's pid
 and host are written inside for the message a second run gets. The kernel drops the lock when its
 process dies, however it dies, so the lock of a killed run is taken over by the next without any
@@ -35,6 +36,16 @@ def make_output_dir(path: str | os.PathLike, flag: str) -> Path:
         raise FolderError(f"{flag}: cannot create {path}: {why}") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise FolderError(f"{flag}: {path} is not writable")
+    return path
+
+
+def output_file(path: str | os.PathLike, flag: str) -> Path:
+    """`path` as a file a tool will write when its work is done, checked before the work starts: its
+    folder is created here, and a folder at `path` itself is refused (FolderError naming `flag`)."""
+    path = Path(path)
+    make_output_dir(path.resolve().parent, flag)
+    if path.is_dir():
+        raise FolderError(f"{flag}: {path} is a folder; give a file name")
     return path
 
 

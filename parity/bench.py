@@ -27,17 +27,19 @@ from pathlib import Path
 
 from bench.pairwise import bench, bench_config, format_table, parse_backends, plot
 from bench.vs_plain import check_config, format_vs_plain, vs_plain
-from bench.workers import allocator_env
+from bench.workers import allocator_env, parse_pin
 from common.benchtiming import DEFAULT_SHAPE, SHAPES
 from common.config import PARALLELISMS, ConfigError
 from common.loop import INPUT_ERRORS, ensure_data
+from common.outdir import output_file
+from common.usage import ExitingParser
 from parity.bench_suite import SUITE_DTYPES, SUITE_ROWS, run_suite, suite_options, suite_text
 
 SUITE_ONLY = ("rows", "dtypes", "no_pin", "pin_rounds", "compile_time", "profile")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m parity.bench", description=__doc__.splitlines()[0],
+    p = ExitingParser(prog="python -m parity.bench", description=__doc__.splitlines()[0],
                                 epilog="Config fields can be overridden: --optim.micro_batch_size 4 ... "
                                        "(with --suite, on top of each row's shape)")
     p.add_argument("--config", default="default", help="preset or TOML path (default: configs/default.toml)")
@@ -81,6 +83,12 @@ def main(argv: list[str] | None = None) -> int:
         for flag in ("rounds", "steps"):
             if getattr(args, flag) is not None and getattr(args, flag) < 1:
                 raise ConfigError(f"--{flag} must be ≥ 1")
+        if args.warmup is not None and args.warmup < 0:
+            raise ConfigError("--warmup must be ≥ 0")
+        args.pin = parse_pin(args.pin)
+        for flag in ("json", "plot"):  # checked before the work whose result they hold
+            if getattr(args, flag) is not None:
+                output_file(getattr(args, flag), f"--{flag}")
         if args.devices is not None and (args.parallel is None or args.devices < 1):
             raise ConfigError("--devices needs --parallel and must be ≥ 1")
         if args.parallel and (args.suite or args.vs_plain):

@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 from bench import pairwise
 from bench.pairwise import bench, bench_config
 from bench.trainee import BACKENDS
-from bench.workers import allocator_env
+from bench.workers import allocator_env, parse_pin
 from common.config import Config, ConfigError, dump_toml
 from common.cpuinfo import cpuinfo_field
 from common.loop import ensure_data
@@ -276,8 +276,6 @@ def suite_options(args: argparse.Namespace, overrides: Sequence[str], backends: 
         if getattr(args, flag) is not None:
             hint = {"dtype": " (use --dtypes)", "compile": " (use --compile-time)"}.get(flag, "")
             raise ConfigError(f"--{flag} does not apply to --suite{hint}")
-    if args.warmup is not None and args.warmup < 0:
-        raise ConfigError("--warmup must be ≥ 0")
     if args.pin_rounds is not None and args.pin_rounds < 1:
         raise ConfigError("--pin-rounds must be ≥ 1")
     if args.compile_time and "torch" not in backends:
@@ -286,6 +284,6 @@ def suite_options(args: argparse.Namespace, overrides: Sequence[str], backends: 
                         rows=parse_choices(args.rows or ",".join(SUITE_ROWS), "--rows", tuple(SUITE_ROWS)),
                         dtypes=parse_choices(args.dtypes or ",".join(SUITE_DTYPES), "--dtypes", SUITE_DTYPES),
                         backends=backends, rounds=args.rounds, steps=args.steps, warmup=args.warmup,
-                        pin=None if args.no_pin else (args.pin or "0"), pin_rounds=args.pin_rounds,
+                        pin=None if args.no_pin else parse_pin(args.pin or "0"), pin_rounds=args.pin_rounds,
                         compile_time=args.compile_time, profile=args.profile)
 

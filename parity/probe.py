@@ -19,6 +19,8 @@ from typing import Any, Callable, Sequence
 
 from bench import workers
 from common.benchtiming import MIN_REPEATS, REPEATS, time_gemm
+from common.outdir import FolderError, output_file
+from common.usage import ExitingParser, UsageError
 
 FRAMEWORKS = ("torch", "jax")
 DTYPES = ("fp32", "bf16")
@@ -149,17 +151,14 @@ def parse_sizes(text: str) -> list[int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m parity.probe", description=__doc__.splitlines()[0])
+    p = ExitingParser(prog="python -m parity.probe", description=__doc__.splitlines()[0])
     p.add_argument("--budget", type=float, default=4.0, help="seconds of timed GEMMs, shared by the frameworks")
     p.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)), help="square sizes N, comma-separated")
     p.add_argument("--frameworks", default=",".join(FRAMEWORKS), help="comma-separated subset of torch,jax")
     p.add_argument("--pin", default=None, help="run each probe under `taskset -c PIN` (e.g. 0: one CPU)")
     p.add_argument("--json", type=Path, help="write the figures here")
     p.add_argument("--child", choices=FRAMEWORKS, help=argparse.SUPPRESS)
-    try:
-        args = p.parse_args(argv)
-    except SystemExit as e:  # argparse already printed its one-line usage error
-        return int(e.code or 0)
+    args = p.parse_args(argv)
     try:
         sizes = parse_sizes(args.sizes)
         if args.child:
@@ -169,12 +168,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.budget <= 0:
             raise ProbeError("--budget must be > 0")
         frameworks = parse_list(args.frameworks, "--frameworks", FRAMEWORKS)
-        report = measure_peaks(args.budget, sizes, args.pin, frameworks)
+        pin = workers.parse_pin(args.pin)
+        if args.json is not None:
+            output_file(args.json, "--json")
+        report = measure_peaks(args.budget, sizes, pin, frameworks)
         print(format_probe(report))
         if args.json:
             args.json.write_text(json.dumps(report, indent=1) + "\n")
         return 0
-    except ProbeError as e:
+    except (ProbeError, UsageError, FolderError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

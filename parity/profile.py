@@ -36,6 +36,8 @@ from common.backend import load_backend
 from common.benchtiming import SHAPES
 from common.config import Config, ConfigError, dump_toml, load_toml
 from common.loop import INPUT_ERRORS, ensure_data
+from common.outdir import output_file
+from common.usage import ExitingParser
 
 DEFAULT_STEPS = 2
 DEFAULT_WARMUP = 2
@@ -305,7 +307,7 @@ def format_profiles(results: dict[str, dict[str, Any]], title: str, top: int = 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m parity.profile", description=__doc__.splitlines()[0],
+    p = ExitingParser(prog="python -m parity.profile", description=__doc__.splitlines()[0],
                                 epilog="Config fields can be overridden on top of the shape: --model.n_layer 2 ...")
     p.add_argument("--config", default="default", help="preset or TOML path (default: configs/default.toml)")
     p.add_argument("--shape", choices=tuple(SHAPES), default="tiny", help="a named shape (default tiny)")
@@ -324,6 +326,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         backends = parse_backends(args.backends)
         if args.top < 1 or args.steps < 1 or args.warmup < 0:
             raise ConfigError("--top and --steps must be ≥ 1, --warmup ≥ 0")
+        if args.json is not None:
+            output_file(args.json, "--json")
         cfg = bench_config(args.config, args.shape, overrides, args.dtype, False,
                            1 + args.warmup + args.steps)
         ensure_data(cfg, lambda msg: print(msg, file=sys.stderr))

@@ -1,5 +1,5 @@
-"""The fault suite, the other tools: common.prepare, parity.check, the benches, common.plan, common.report and
-parity.sweep. Each bad input is one error line naming it, exit code 2, no traceback, nothing of the world
+"""The fault suite, the other tools: common.prepare, parity.check, the benches, parity.profile, parity.probe,
+common.plan, common.report and parity.sweep. Each bad input is one error line naming it, exit code 2, no traceback, nothing of the world
 changed (tests/faults.py)."""
 from __future__ import annotations
 
@@ -44,6 +44,20 @@ CASES = [
     Case("bench-zero-rounds", "parity.bench", args("--rounds", 0), "--rounds must be ≥ 1"),
     Case("bench-suite-flag-alone", "parity.bench", args("--rows", "tiny"), "--rows needs --suite"),
     Case("bench-unknown-key", "parity.bench", args("--model.n_layr", 2), "unknown key 'model.n_layr'"),
+    Case("bench-wrong-type", "parity.bench", args("--rounds", "x"), "argument --rounds: invalid int value"),
+    Case("bench-unknown-parallel", "parity.bench", args("--parallel", "tp"), "argument --parallel: invalid choice"),
+    Case("bench-negative-warmup", "parity.bench", args("--warmup", -1), "--warmup must be ≥ 0"),
+    Case("bench-pin-absent-cpu", "parity.bench", args("--vs-plain", "--pin", 4096),
+         "--pin 4096: CPU 4096 is not one this process may run on"),
+    Case("bench-pin-not-a-list", "parity.bench", args("--pin", "0-a"), "--pin: expected a CPU list"),
+    Case("bench-plot-a-folder", "parity.bench", args("--plot", "{tmp}"), named("--plot: {tmp} is a folder")),
+    Case("suite-pin-absent-cpu", "parity.bench", args("--suite", "--pin", 4096), "--pin 4096: CPU 4096"),
+    Case("profile-wrong-type", "parity.profile", args("--top", "x"), "argument --top: invalid int value"),
+    Case("profile-json-under-a-file", "parity.profile", args("--json", "{a_file}/r.json"),
+         named("--json: cannot create")),
+    Case("probe-wrong-type", "parity.probe", args("--budget", "x"), "argument --budget: invalid float value"),
+    Case("probe-pin-absent-cpu", "parity.probe", args("--pin", 4096), "--pin 4096: CPU 4096"),
+    Case("prepare-bench-zero-repeats", "bench.prepare", args("--repeats", 0), "--repeats must be ≥ 1"),
     Case("torch-bench-unknown-shape", "torch_impl.bench", args("--shape", "huge"), "argument --shape: invalid choice"),
     Case("torch-bench-missing-config", "torch_impl.bench", args("--config", "nope"), "--config: no preset 'nope'"),
     Case("jax-bench-wrong-type", "jax_impl.bench", args("--steps", "x"), "argument --steps: invalid int value"),

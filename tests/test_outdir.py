@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from common.outdir import LOCK, FolderError, hold, make_output_dir
+from common.outdir import LOCK, FolderError, hold, make_output_dir, output_file
 from helpers import ROOT
 
 HOLDER = """
@@ -29,6 +29,16 @@ def test_a_folder_under_a_file_names_the_flag_and_the_file(tmp_path):
     with pytest.raises(FolderError, match=f"^--out: cannot create {blocker}: {blocker} is a file, not a folder$"):
         make_output_dir(blocker, "--out")
     assert make_output_dir(tmp_path / "new" / "run", "--out").is_dir()
+
+
+def test_a_report_file_gets_its_folder_made_and_is_refused_when_a_folder_stands_there(tmp_path):
+    assert output_file(tmp_path / "new" / "r.json", "--json") == tmp_path / "new" / "r.json"
+    assert (tmp_path / "new").is_dir() and not (tmp_path / "new" / "r.json").exists()
+    with pytest.raises(FolderError, match=f"^--plot: {tmp_path / 'new'} is a folder; give a file name$"):
+        output_file(tmp_path / "new", "--plot")
+    (tmp_path / "f").write_text("")
+    with pytest.raises(FolderError, match=f"^--json: cannot create {tmp_path / 'f'}: .* is a file"):
+        output_file(tmp_path / "f" / "r.json", "--json")
 
 
 def test_the_lock_names_its_holder_and_is_released_at_the_end(tmp_path):
