@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from common.precision import DTYPES
+from common.precision import DTYPES, PRECISIONS
 from common.usage import Parser
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -293,6 +293,9 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
         raise ConfigError(f"run.fsdp_size is {r.fsdp_size} but run.parallel is ddp (set run.parallel = fsdp)")
     if r.fsdp_size and world_size % r.fsdp_size:
         raise ConfigError(f"run.fsdp_size ({r.fsdp_size}) does not divide the {world_size} devices")
+    if PRECISIONS[r.dtype].loss_scaling and shard_group_size(cfg, world_size) > 1:
+        raise ConfigError(f"run.dtype {r.dtype} with run.parallel fsdp: a loss scaler's skipped steps would not "
+                          f"agree across shards; use bf16")
     if r.hellaswag_interval and not r.hellaswag_path:
         raise ConfigError("run.hellaswag_interval is set but run.hellaswag_path is empty (give the jsonl file)")
     if cfg.data.val_tokens < 0:

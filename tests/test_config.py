@@ -69,6 +69,7 @@ def test_missing_preset_lists_known_ones():
     ({"model": {"padded_vocab_size": 100}}, 1, r"padded_vocab_size \(100\) is smaller"),
     ({"optim": {"warmup_steps": 500}}, 1, r"warmup_steps \(500\)"),
     ({"run": {"dtype": "fp8"}}, 1, "run.dtype must be one of"),
+    ({"run": {"dtype": "fp16", "parallel": "fsdp"}}, 2, "run.dtype fp16 with run.parallel fsdp"),
 ])
 def test_validation_messages(changes, world, message):
     cfg = load_toml(resolve_config_path("default"))
@@ -76,6 +77,16 @@ def test_validation_messages(changes, world, message):
         cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **fields)})
     with pytest.raises(ConfigError, match=message):
         validate(cfg, world)
+
+
+def test_fp16_is_refused_only_where_parameters_are_sharded():
+    """A loss scaler skips a step on any non-finite shard gradient; sharded ranks would each decide alone."""
+    cfg = load_toml(resolve_config_path("default"))
+    fp16 = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dtype="fp16"))
+    for parallel, world in (("ddp", 2), ("fsdp", 1)):
+        validate(dataclasses.replace(fp16, run=dataclasses.replace(fp16.run, parallel=parallel)), world)
+    with pytest.raises(ConfigError, match="fp16 with run.parallel fsdp"):
+        validate(dataclasses.replace(fp16, run=dataclasses.replace(fp16.run, parallel="fsdp", fsdp_size=2)), 2)
 
 
 def test_config_dict_round_trip_and_shape_diff():

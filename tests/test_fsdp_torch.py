@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from common.checkpoints import complete_checkpoints, latest_checkpoint
-from common.config import Config, ConfigError, dump_toml, load_toml
+from common.config import Config, dump_toml, load_toml
 from common.loop import NonFiniteError, train
 from conftest import twenty_step_config, with_optim, with_run
 from helpers import PoisonedAt, assert_same_steps, quiet, run_python
@@ -58,14 +58,9 @@ def ranks_main(config_dir: Path, out: Path) -> None:
     except NonFiniteError as e:
         stopped = str(e)
     train(BACKEND, cfgs["poisoned"], resume="latest", log=quiet)
-    try:
-        BACKEND.init_state(with_run(cfgs["fsdp"], dtype="fp16"), fsdp.dist)
-        refused = ""
-    except ConfigError as e:
-        refused = str(e)
     shards = {name: list(dist.local(p).shape) for name, p in fsdp.state.model.named_parameters()}
     (out / f"rank{fsdp.dist.process_index}.json").write_text(json.dumps(
-        {"stopped": stopped, "fp16_refused": refused, "shards": shards}))
+        {"stopped": stopped, "shards": shards}))
     BACKEND.teardown()
 
 
@@ -90,7 +85,6 @@ def test_fsdp_on_two_ranks_matches_one_process_and_ddp_and_resumes_anywhere(tmp_
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for info in ranks:
         assert f"step {POISONED_AT}" in info["stopped"] and "step_00000010" in info["stopped"]
-        assert "run.dtype fp16" in info["fp16_refused"] and "fsdp" in info["fp16_refused"]
     # Each rank held half the rows of every tensor: sharded, not replicated.
     assert ranks[0]["shards"]["wte.weight"] == ranks[1]["shards"]["wte.weight"] == [128, 32]
     assert ranks[0]["shards"]["h.0.mlp.c_fc.weight"] == [16, 128]

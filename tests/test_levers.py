@@ -174,6 +174,23 @@ def test_config_values_each_backend_cannot_take_are_refused():
                       "head_gemm": Choice("aten", "config"), "threads": Choice(1, "config")}
 
 
+def test_on_cuda_torch_applies_the_configured_threads_and_keeps_cublas(monkeypatch):
+    """run.threads sizes the host's pool on a GPU too; run.cpu_gemm is a CPU lever and leaves cuBLAS alone."""
+    import torch
+
+    from torch_impl import levers as tl
+
+    monkeypatch.setattr(tl, "accelerator_peak", lambda cfg, device: (989.4e12, "datasheet"))
+    before = torch.get_num_threads()
+    try:
+        chosen = tl.choose(Config(run=RunConfig(threads=before + 1, cpu_gemm="aten")), torch.device("cuda"),
+                           log=lambda line: None)
+        assert torch.get_num_threads() == chosen.value("threads") == before + 1
+        assert chosen.value("gemm") == chosen.value("head_gemm") == "cublas"
+    finally:
+        torch.set_num_threads(before)
+
+
 TOY = Config(model=ModelConfig(vocab_size=200, padded_vocab_size=256, block_size=16, n_layer=1, n_head=2, n_embd=32),
              optim=OptimConfig(total_batch_size=16 * 32, micro_batch_size=32))
 

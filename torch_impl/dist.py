@@ -131,9 +131,6 @@ def shard_model(model: torch.nn.Module, cfg: Config, device: torch.device) -> No
     size = shard_group_size(cfg, world)
     if size == 1:
         return
-    if precision(cfg.run.dtype).loss_scaling:
-        raise ConfigError(f"run.dtype {cfg.run.dtype} with run.parallel fsdp: GradScaler's skipped steps would not "
-                          f"agree across shards; use bf16")
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = (init_device_mesh(device.type, (world,), mesh_dim_names=("fsdp",)) if size == world else
