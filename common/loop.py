@@ -173,10 +173,10 @@ def _train(backend: Backend, cfg: Config, dist: DistInfo, chosen: Levers, out_di
         if (saved_by := read_meta(folder).backend) != backend.name:
             raise CheckpointError(f"{folder}: a {saved_by} checkpoint; `python -m parity.convert {folder} DST --to "
                                   f"{backend.name}` makes a {backend.name} one to resume from")
-        state, meta = backend.load_checkpoint(path, cfg, dist)
-        changed = _check_resumable(meta, cfg, path)
+        state, meta = backend.load_checkpoint(folder, cfg, dist)  # the step folder, resolved once
+        changed = _check_resumable(meta, cfg, folder)
         if changed and dist.is_main:
-            print(f"warning: resuming {path} with changed optimizer settings: {', '.join(changed)} (checkpoint → "
+            print(f"warning: resuming {folder} with changed optimizer settings: {', '.join(changed)} (checkpoint → "
                   f"now); the lr schedule and updates from step {meta.step} on differ from the run that saved it",
                   file=sys.stderr)
         start, history = meta.step, list(meta.history)
@@ -184,7 +184,7 @@ def _train(backend: Backend, cfg: Config, dist: DistInfo, chosen: Levers, out_di
             loader.load_state_dict(meta.loader)
         else:  # converted from weights alone: the data order still follows from the step
             loader.step = start
-        say(f"resumed from {path} at step {start}")
+        say(f"resumed from {folder} at step {start}")
     else:
         latest = latest_checkpoint(out_dir)
         if latest is not None:

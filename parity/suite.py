@@ -4,7 +4,7 @@
 2. 1 vs 2 data-parallel replicas: torchrun with 2 gloo ranks and JAX with 2 host devices each train
    the same steps as one replica (the loader makes the tokens identical); weights compared after.
 3. The same with the 2 replicas sharding parameters, gradients and AdamW's state (run.parallel fsdp:
-   torch FSDP2, a JAX fsdp mesh axis).
+   torch FSDP2, a JAX fsdp mesh axis), against the same one-replica run.
 4. Checkpoint round trips: torch → JAX → torch and torch → HF → torch leave weights (and, between
    the backends, AdamW's state) bit-identical.
 """
@@ -59,38 +59,42 @@ def _train_cli(module: str, cfg: Config, out: Path, launcher: list[str], extra: 
     workers.run(cmd, timeout=900).check(" ".join(cmd))
 
 
-def check_replicas(cfg: Config, tol: Tolerances, steps: int = 3, parallel: str = "ddp") -> dict[str, Any]:
-    """One replica with micro-batch B vs two with B/2, under run.parallel `parallel`: same tokens per step, so
-    the same weights."""
-    name = "replicas" if parallel == "ddp" else f"replicas ({parallel})"
+def check_replicas(cfg: Config, tol: Tolerances, steps: int = 3,
+                   parallels: tuple[str, ...] = ("ddp", "fsdp")) -> list[dict[str, Any]]:
+    """One replica with micro-batch B vs two with B/2 under each run.parallel of `parallels`: same tokens per
+    step, so the same weights. Each backend trains its one-replica reference once for all of them."""
+    names = ["replicas" if p == "ddp" else f"replicas ({p})" for p in parallels]
     half = cfg.optim.micro_batch_size // 2
     if half == 0 or cfg.optim.total_batch_size % (half * cfg.model.block_size * 2):
-        return _result(name, False, "micro_batch_size must be even and divide the step for 2 replicas")
+        return [_result(n, False, "micro_batch_size must be even and divide the step for 2 replicas") for n in names]
     base = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, max_steps=steps,
                                                               warmup_steps=min(cfg.optim.warmup_steps, steps)))
-    two = dataclasses.replace(base, optim=dataclasses.replace(base.optim, micro_batch_size=half),
-                              run=dataclasses.replace(base.run, parallel=parallel, fsdp_size=0))
+
+    def two(parallel: str) -> Config:
+        return dataclasses.replace(base, optim=dataclasses.replace(base.optim, micro_batch_size=half),
+                                   run=dataclasses.replace(base.run, parallel=parallel, fsdp_size=0))
+
     py = [sys.executable]
-    runs = {
-        "torch": (["torch_impl.train", base, py, []],
-                  ["torch_impl.train", two, py + ["-m", "torch.distributed.run", "--standalone",
-                                                  "--nproc_per_node=2"], []]),
-        "jax": (["jax_impl.train", base, py, ["--devices", "1"]], ["jax_impl.train", two, py, ["--devices", "2"]]),
-    }
-    lines, ok = [], True
+    one = {"torch": (base, py, []), "jax": (base, py, ["--devices", "1"])}
+    pair = {"torch": (py + ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], []),
+            "jax": (py, ["--devices", "2"])}
+    lines: dict[str, list[str]] = {p: [] for p in parallels}
+    ok = dict.fromkeys(parallels, True)
     init = init_weights(cfg.model, cfg.run.seed)
     with tempfile.TemporaryDirectory(prefix="parity-replicas-") as tmp:
-        for backend, (one, pair) in runs.items():
-            weights = []
-            for label, (module, c, launcher, extra) in zip(("1", "2"), (one, pair)):
-                out = Path(tmp) / f"{backend}-{label}"
-                _train_cli(module, c, out, launcher, extra)
-                weights.append(read_portable(out / "run").weights)
-            d = update_rel(weights[0], weights[1], init)  # as parity.check compares parameters
-            lines.append(f"{backend} {d:.1e}")
-            ok = ok and d <= tol.params
-    return _result(name, ok, f"weights after {steps} steps, 1 vs 2 replicas, ‖Δθ‖ / ‖θ − θ₀‖: "
-                   + ", ".join(lines) + f" (tolerance {tol.params:.0e})")
+        for backend in ("torch", "jax"):
+            module = f"{backend}_impl.train"
+            c, launcher, extra = one[backend]
+            _train_cli(module, c, Path(tmp) / f"{backend}-1", launcher, extra)
+            reference = read_portable(Path(tmp) / f"{backend}-1" / "run").weights
+            for parallel in parallels:
+                out = Path(tmp) / f"{backend}-2-{parallel}"
+                _train_cli(module, two(parallel), out, *pair[backend])
+                d = update_rel(reference, read_portable(out / "run").weights, init)  # as parity.check compares
+                lines[parallel].append(f"{backend} {d:.1e}")
+                ok[parallel] = ok[parallel] and d <= tol.params
+    return [_result(name, ok[p], f"weights after {steps} steps, 1 vs 2 replicas, ‖Δθ‖ / ‖θ − θ₀‖: "
+                    + ", ".join(lines[p]) + f" (tolerance {tol.params:.0e})") for name, p in zip(names, parallels)]
 
 
 def check_round_trip(cfg: Config, steps: int = 2) -> dict[str, Any]:
@@ -126,5 +130,4 @@ def check_round_trip(cfg: Config, steps: int = 2) -> dict[str, Any]:
 
 
 def run_suite(cfg: Config, tol: Tolerances) -> list[dict[str, Any]]:
-    return [check_accumulation(cfg, tol), check_round_trip(cfg), check_replicas(cfg, tol),
-            check_replicas(cfg, tol, parallel="fsdp")]
+    return [check_accumulation(cfg, tol), check_round_trip(cfg), *check_replicas(cfg, tol)]
