@@ -40,6 +40,7 @@ DEFAULT_FOLDER = "data/stdlib"
 DEFAULT_SHARD_SIZE = 100_000_000
 DEFAULT_VAL_TOKENS = 100_000_000  # build-nanogpt's first shard
 DEFAULT_SEED = 1337
+MAX_SHARD_TOKENS = int(np.iinfo(np.int32).max)  # the token count of a shard header (common/shards.py)
 STDLIB_VAL_TOKENS = 262_144  # the stdlib is ~15M tokens: a 100M val shard would leave nothing to train on
 CHUNK_CHARS = 1 << 20  # per worker task: big enough to amortise IPC, small enough to balance 2+ workers
 # How the splits were chosen, in the manifest's "split"; a manifest without one was made when val was the
@@ -189,6 +190,23 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+def check_options(name: str, shard_size: int, val_tokens: int, workers: int | None, seed: int) -> None:
+    """PrepareError naming the flag of a value prepare() cannot use; `workers` None means all cores."""
+    if not re.fullmatch(r"[A-Za-z0-9.-]+", name):
+        raise PrepareError(f"--name {name!r}: use letters, digits, '.' and '-' (shard names use '_' as separator)")
+    if shard_size <= 0 or val_tokens < 0:
+        raise PrepareError(f"--shard-size must be > 0 and --val-tokens >= 0 (got {shard_size}, {val_tokens})")
+    # a shard's header holds its token count in an int32; the train buffer is allocated whole up front
+    for flag, tokens in (("--shard-size", shard_size), ("--val-tokens", val_tokens)):
+        if tokens > MAX_SHARD_TOKENS:
+            raise PrepareError(f"{flag} must be ≤ {MAX_SHARD_TOKENS:,} (a shard header's int32 token count), "
+                               f"got {tokens:,}")
+    if workers is not None and workers < 1:
+        raise PrepareError(f"--workers must be ≥ 1 (got {workers})")
+    if seed < 0:
+        raise PrepareError(f"--seed must be >= 0 (got {seed})")
+
+
 def prepare(documents: Iterable[Document], out_dir: str | Path, name: str, shard_size: int = DEFAULT_SHARD_SIZE,
             val_tokens: int = DEFAULT_VAL_TOKENS, workers: int | None = None, source: str | dict = "",
             verbose: bool = True, shuffle: bool = True, seed: int = DEFAULT_SEED) -> dict:
@@ -202,16 +220,11 @@ def prepare(documents: Iterable[Document], out_dir: str | Path, name: str, shard
     The output is byte-identical for any worker count (`imap` returns chunks in input order) and, for
     the same inputs and seed, between runs.
     """
-    if not re.fullmatch(r"[A-Za-z0-9.-]+", name):
-        raise PrepareError(f"--name {name!r}: use letters, digits, '.' and '-' (shard names use '_' as separator)")
-    if shard_size <= 0 or val_tokens < 0:
-        raise PrepareError(f"--shard-size must be > 0 and --val-tokens >= 0 (got {shard_size}, {val_tokens})")
-    if seed < 0:
-        raise PrepareError(f"--seed must be >= 0 (got {seed})")
+    check_options(name, shard_size, val_tokens, workers, seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _clear(out_dir, name)
-    workers = max(1, workers or os.cpu_count() or 1)
+    workers = workers or os.cpu_count() or 1
     tok = get_tokenizer()  # built before forking so workers inherit it instead of each loading the ranks
     writer = _ShardWriter(out_dir, name, shard_size)
     held = _Held(out_dir / f"{name}.documents.tmp")
@@ -381,10 +394,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             documents, name, source = stdlib_documents(), args.name or "stdlib", _stdlib_source()
         default_val = STDLIB_VAL_TOKENS if not (args.input or args.hf) else DEFAULT_VAL_TOKENS
+        val_tokens = default_val if args.val_tokens is None else args.val_tokens
+        # checked here too: a folder prepared already is otherwise kept without looking at the flags
+        check_options(name, args.shard_size, val_tokens, args.workers, args.seed)
         out = Path(args.out or (DEFAULT_FOLDER if name == "stdlib" and not (args.input or args.hf) else f"data/{name}"))
         make_output_dir(out, "--out")
         _prepare_once(out, args.force, documents=documents, name=name, shard_size=args.shard_size,
-                      val_tokens=default_val if args.val_tokens is None else args.val_tokens, workers=args.workers,
+                      val_tokens=val_tokens, workers=args.workers,
                       source=source, shuffle=not args.hf if args.shuffle is None else args.shuffle, seed=args.seed)
     except INPUT_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)

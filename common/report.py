@@ -331,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        if args.target is not None and not math.isfinite(args.target):  # nan would match no step, inf no plot
+            raise UsageError(f"--target must be a finite val loss, got {args.target}")
         labels: list[str | None] = [None] * len(args.runs)
         if args.labels is not None:
             labels = [s.strip() for s in args.labels.split(",")]

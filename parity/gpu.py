@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import math
 import os
 import shlex
 import shutil
@@ -35,6 +36,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from common.cli import Parser, UsageError
+from common.config import DataConfig
+from common.outdir import FolderError, make_output_dir
 from parity.gpu_options import REPORT_JSON, REPORT_MD, ROOT, SECTIONS, Options, Timer, child_env
 
 # Each section's own limit (seconds) on a GPU and in the dry run; the train section adds its training budget.
@@ -176,8 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="the same sections on the CPU with tiny shapes")
     p.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(SECTIONS)}, rerun into the "
                                                 "report already in --out")
-    p.add_argument("--data-dir", default="data/stdlib", help="corpus of the parity and train sections "
-                                                             "(default: the stdlib corpus, prepared if missing)")
+    p.add_argument("--data-dir", default=None, help="corpus of the parity and train sections "
+                                                    "(default: the stdlib corpus, prepared if missing)")
     p.add_argument("--max-micro-batch", type=int, default=None,
                    help="first micro-batch the bench tries, halved on out-of-memory (default 64; dry run 2)")
     p.add_argument("--parity-steps", type=int, default=None, help="steps of each parity check (default 50; dry run 10)")
@@ -192,17 +195,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _default(value, default):
+    return default if value is None else value
+
+
+def _data_dir(given: str | None) -> str:
+    """The default corpus is prepared on demand by the sections (relative to ROOT, where they run); any other
+    folder must exist before the run starts, and is resolved here so that it names the same folder there."""
+    if given is None:
+        return DataConfig().dir
+    path = Path(given).resolve()
+    if path != (ROOT / DataConfig().dir).resolve() and not path.is_dir():
+        raise UsageError(f"--data-dir: {given} is not a folder")
+    return str(path)
+
+
 def parse_options(args: argparse.Namespace) -> Options:
     dry = args.dry_run
-    opts = Options(out=args.out.resolve(), dry_run=dry, data_dir=args.data_dir,
-                   max_micro_batch=args.max_micro_batch or (2 if dry else 64),
-                   parity_steps=args.parity_steps or (10 if dry else 50),
-                   train_seconds=args.train_seconds if args.train_seconds is not None else (3.0 if dry else 60.0),
-                   time_limit=args.time_limit or (600.0 if dry else 480.0), deadline=0.0)
-    for flag, value in (("--max-micro-batch", opts.max_micro_batch), ("--parity-steps", opts.parity_steps),
-                        ("--train-seconds", opts.train_seconds), ("--time-limit", opts.time_limit)):
-        if value <= 0:
-            raise UsageError(f"{flag} must be positive, got {value:g}")
+    opts = Options(out=args.out.resolve(), dry_run=dry, data_dir=_data_dir(args.data_dir),
+                   max_micro_batch=_default(args.max_micro_batch, 2 if dry else 64),
+                   parity_steps=_default(args.parity_steps, 10 if dry else 50),
+                   train_seconds=_default(args.train_seconds, 3.0 if dry else 60.0),
+                   time_limit=_default(args.time_limit, 600.0 if dry else 480.0), deadline=0.0)
+    for flag, count in (("--max-micro-batch", opts.max_micro_batch), ("--parity-steps", opts.parity_steps)):
+        if count < 1:
+            raise UsageError(f"{flag} must be ≥ 1, got {count}")
+    for flag, seconds in (("--train-seconds", opts.train_seconds), ("--time-limit", opts.time_limit)):
+        if not (math.isfinite(seconds) and seconds > 0):
+            raise UsageError(f"{flag} must be a finite number of seconds > 0, got {seconds:g}")
     return dataclasses.replace(opts, deadline=args.deadline or time.time() + opts.time_limit)
 
 
@@ -219,8 +239,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             bad = [s for s in only if s not in SECTIONS]
             if not only or bad:
                 raise UsageError(f"--only: expected a subset of {','.join(SECTIONS)}, got '{args.only}'")
+        make_output_dir(opts.out, "--out")
         return run_all(opts, only, "python -m parity.gpu " + shlex.join(argv))
-    except UsageError as e:
+    except (UsageError, FolderError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

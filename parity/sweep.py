@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import statistics
 import sys
@@ -207,8 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for flag, value in (("--max-batch", args.max_batch), ("--steps", args.steps)):
             if value < 1:
                 raise UsageError(f"{flag} must be ≥ 1, got {value}")
-        if args.max_rss_gb is not None and args.max_rss_gb <= 0:
-            raise UsageError(f"--max-rss-gb must be positive, got {args.max_rss_gb}")
+        if args.max_rss_gb is not None and not (math.isfinite(args.max_rss_gb) and args.max_rss_gb > 0):
+            raise UsageError(f"--max-rss-gb must be a finite number > 0, got {args.max_rss_gb}")
         cfg = shaped_config(args.config, args.shape, overrides=rest)
         if args.dtype:
             cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dtype=args.dtype))

@@ -115,6 +115,22 @@ def test_bad_flags_are_one_line_and_exit_2(args, flag, tmp_path):
     assert proc.stderr.strip().count("\n") == 0 and flag in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_only_the_default_corpus_may_be_missing_and_a_given_one_is_resolved(tmp_path, monkeypatch):
+    def options(*args):
+        return gpu.parse_options(gpu.build_parser().parse_args(["--dry-run", *args]))
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus").mkdir()
+    assert options("--data-dir", "corpus").data_dir == str(tmp_path / "corpus")  # the sections run in ROOT
+    monkeypatch.setattr(gpu, "ROOT", tmp_path)  # a checkout whose default corpus is not prepared yet
+    default = options()
+    assert default.data_dir == "data/stdlib" and options("--data-dir", "data/stdlib").data_dir == \
+        str(tmp_path / "data/stdlib")
+    assert gpu.parse_options(gpu.build_parser().parse_args(default.flags())).data_dir  # as a section process sees it
+    with pytest.raises(gpu.UsageError, match="--data-dir: elsewhere is not a folder"):
+        options("--data-dir", "elsewhere")
+
+
 def parity_report(loss_diffs, logits=1e-6, params=1e-5):
     steps = [{"step": i, "loss_abs_diff": d, "grad_norm_rel_diff": 1e-7, "lr_rel_diff": 0.0, "loss_torch": 10.0}
              for i, d in enumerate(loss_diffs)]
