@@ -123,6 +123,8 @@ class Config:
 
 _SECTION_TYPES = {"model": ModelConfig, "optim": OptimConfig, "data": DataConfig, "run": RunConfig}
 ORDERS = ("shuffled", "stream")
+# Seeds every backend takes as they are: JAX's PRNG keys hold 32 bits unless x64 is on.
+SEED_LIMIT = 2**32
 # Fields older versions wrote into checkpoints' meta.json and that no longer exist: skipped when reading one.
 RETIRED = {("run", "progress")}
 
@@ -197,6 +199,10 @@ def load_toml(path: Path, cfg: Config | None = None) -> Config:
             data = tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a TOML file (TOML is UTF-8 text)") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config: {e.strerror}") from None
     for section, table in data.items():
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: top-level key '{section}' must be a [section] table")
@@ -234,14 +240,9 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
     return cfg
 
 
-def validate(cfg: Config, world_size: int = 1) -> Config:
-    """Check relations between fields; `world_size` is data-parallel ranks (or JAX devices)."""
-    m, o, r = cfg.model, cfg.optim, cfg.run
-    for section, values in cfg.to_dict().items():  # NaN passes every comparison below: refused first
-        for key, value in values.items():
-            if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, tuple)
-                                                                            else (value,))):
-                raise ConfigError(f"{section}.{key} must be finite, got {value}")
+def validate_model(m: ModelConfig) -> ModelConfig:
+    """The model section's own checks (shapes that exist, a vocabulary the shard format holds); also what
+    a Hugging Face config.json is held to."""
     for name in ("vocab_size", "padded_vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
         if getattr(m, name) <= 0:
             raise ConfigError(f"model.{name} must be positive, got {getattr(m, name)}")
@@ -257,6 +258,18 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
                           f"got {m.loss_chunk_rows}")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    return m
+
+
+def validate(cfg: Config, world_size: int = 1) -> Config:
+    """Check relations between fields; `world_size` is data-parallel ranks (or JAX devices)."""
+    o, r = cfg.optim, cfg.run
+    for section, values in cfg.to_dict().items():  # NaN passes every comparison below: refused first
+        for key, value in values.items():
+            if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, tuple)
+                                                                            else (value,))):
+                raise ConfigError(f"{section}.{key} must be finite, got {value}")
+    m = validate_model(cfg.model)
     if o.micro_batch_size <= 0 or o.total_batch_size <= 0:
         raise ConfigError("optim.micro_batch_size and optim.total_batch_size must be positive")
     per_micro = o.micro_batch_size * m.block_size * world_size
@@ -272,13 +285,22 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
         raise ConfigError(f"optim.min_lr ({o.min_lr}) must be ≤ optim.max_lr ({o.max_lr}), and max_lr > 0")
     if not all(0.0 <= b < 1.0 for b in o.betas):
         raise ConfigError(f"optim.betas must be in [0, 1), got {o.betas}")
+    if o.eps <= 0:
+        raise ConfigError(f"optim.eps must be > 0, got {o.eps}")
+    for name in ("weight_decay", "grad_clip"):
+        if getattr(o, name) < 0:
+            raise ConfigError(f"optim.{name} must be ≥ 0, got {getattr(o, name)}")
+    if not 0 <= r.seed < SEED_LIMIT:
+        raise ConfigError(f"run.seed must be in [0, 2**32), got {r.seed}")
+    if not r.out_dir.strip():
+        raise ConfigError("run.out_dir is empty (give a folder, e.g. runs/default/{backend})")
     if r.dtype not in DTYPES:
         raise ConfigError(f"run.dtype must be one of {', '.join(DTYPES)}, got '{r.dtype}'")
     if r.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"run.device must be auto, cpu or cuda, got '{r.device}'")
     for name in ("log_interval", "eval_interval", "checkpoint_interval", "sample_interval", "keep_checkpoints",
                  "devices", "fsdp_size", "hellaswag_interval", "hellaswag_limit", "diagnostics_interval",
-                 "num_samples", "sample_tokens", "top_k", "temperature"):
+                 "num_samples", "sample_tokens", "top_k", "temperature", "peak_tflops"):
         if getattr(r, name) < 0:
             raise ConfigError(f"run.{name} must be ≥ 0, got {getattr(r, name)}")
     if r.levers not in LEVER_MODES:

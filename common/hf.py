@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common.config import ModelConfig
+from common.config import ConfigError, ModelConfig, validate_model
 from common.names import check_weights, param_shapes
+from common.usage import first_line
 
 SKIPPED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers, not parameters
 
@@ -27,14 +28,22 @@ def _pad_to(n: int, multiple: int = 64) -> int:
 
 
 def config_from_hf(hf: dict, source: str, padded_vocab_size: int | None = None) -> ModelConfig:
+    if not isinstance(hf, dict):
+        raise HFError(f"{source}: not a GPT-2 config (a JSON object of GPT2Config fields)")
     if hf.get("model_type", "gpt2") != "gpt2":
         raise HFError(f"{source}: model_type is {hf.get('model_type')!r}, expected 'gpt2'")
+    sizes = {}  # checked first: the tests below compute with them
+    for key in ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd"):
+        if isinstance(hf[key], bool) or not isinstance(hf[key], int):
+            raise HFError(f"{source}: {key} must be an integer, got {json.dumps(hf[key])}")
+        sizes[key] = hf[key]
     act = hf.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
         raise HFError(f"{source}: activation_function {act!r} is not GPT-2's tanh GELU")
     if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
         raise HFError(f"{source}: n_inner {hf['n_inner']} is not 4 × n_embd")
-    if abs(hf.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12:
+    eps = hf.get("layer_norm_epsilon", 1e-5)
+    if not isinstance(eps, (int, float)) or abs(eps - 1e-5) > 1e-12:
         raise HFError(f"{source}: layer_norm_epsilon {hf['layer_norm_epsilon']} is not 1e-5")
     # Options of transformers' GPT2Config that change the function computed; both backends compute GPT-2's
     # defaults only, so a folder with another value is refused rather than scored as something else.
@@ -43,10 +52,14 @@ def config_from_hf(hf: dict, source: str, padded_vocab_size: int | None = None) 
                       ("add_cross_attention", False)):
         if hf.get(key, gpt2) != gpt2:
             raise HFError(f"{source}: {key} is {json.dumps(hf[key])}; only GPT-2's {json.dumps(gpt2)} is supported")
-    vocab = int(hf["vocab_size"])
-    return ModelConfig(vocab_size=vocab, padded_vocab_size=padded_vocab_size or _pad_to(vocab),
-                       block_size=int(hf["n_positions"]), n_layer=int(hf["n_layer"]), n_head=int(hf["n_head"]),
-                       n_embd=int(hf["n_embd"]), dropout=0.0, bias=True)
+    vocab = sizes["vocab_size"]
+    cfg = ModelConfig(vocab_size=vocab, padded_vocab_size=padded_vocab_size or _pad_to(vocab),
+                      block_size=sizes["n_positions"], n_layer=sizes["n_layer"], n_head=sizes["n_head"],
+                      n_embd=sizes["n_embd"], dropout=0.0, bias=True)
+    try:
+        return validate_model(cfg)
+    except ConfigError as e:  # named by the model field; block_size is HF's n_positions
+        raise HFError(f"{source}: {e}") from None
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
@@ -79,11 +92,11 @@ def load_hf_folder(path: str | os.PathLike, padded_vocab_size: int | None = None
         hf_cfg = json.loads(cfg_path.read_text())
         cfg = config_from_hf(hf_cfg, str(cfg_path), padded_vocab_size)
     except (json.JSONDecodeError, KeyError) as e:
-        raise HFError(f"{cfg_path}: not a GPT-2 config ({e})") from None
+        raise HFError(f"{cfg_path}: not a GPT-2 config ({first_line(e)})") from None
     try:
         raw = load_file(str(st_path))
     except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise HFError(f"{st_path}: cannot read safetensors ({e})") from None
+        raise HFError(f"{st_path}: cannot read safetensors ({first_line(e)})") from None
     weights = {}
     for key, value in raw.items():
         name = key.removeprefix("transformer.")

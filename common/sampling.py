@@ -13,6 +13,7 @@ import sys
 from typing import Any, Callable, Iterable, Sequence, TextIO
 
 from common.cli import INPUT_ERRORS, Parser, UsageError
+from common.config import SEED_LIMIT
 from common.precision import dtypes_for
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -43,6 +44,8 @@ def check(args: argparse.Namespace) -> None:
         raise UsageError(f"--temperature must be a finite number, got {args.temperature}")
     if args.temperature < 0:
         raise UsageError(f"--temperature must be ≥ 0, got {args.temperature}")
+    if not 0 <= args.seed < SEED_LIMIT:
+        raise UsageError(f"--seed must be in [0, 2**32), got {args.seed}")
 
 
 def read_prompt(flag: str | None) -> str:

@@ -146,7 +146,16 @@ def print_verdict(report: dict[str, Any], log: Callable[[str], None] = print) ->
             log(f"first tensor (in model order) whose gradient disagrees: {first_bad[0]}")
 
 
+# Fields the check sets itself; an override of one would be silently replaced, so it is refused.
+SET_BY_CHECK = {"run.dtype": "use --dtype", "run.compile": "the check runs eager", "run.devices": "one device",
+                "optim.max_steps": "use --steps"}
+
+
 def build_config(args: argparse.Namespace, overrides: list[str]):
+    for tok in overrides:
+        name = tok.removeprefix("--").split("=", 1)[0]
+        if name in SET_BY_CHECK:
+            raise ConfigError(f"--{name}: parity.check sets it ({SET_BY_CHECK[name]})")
     cfg = load_toml(resolve_config_path(args.config))
     cfg = apply_overrides(cfg, overrides)
     cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, max_steps=max(args.steps, 1)),

@@ -57,6 +57,15 @@ def test_unknown_key_in_file_names_file_and_key(tmp_path):
         load_toml(p)
 
 
+def test_a_config_file_that_is_not_utf8_text_or_not_a_file_is_named(tmp_path):
+    (tmp_path / "binary.toml").write_bytes(b"\xff\xfe[model]\n")
+    (tmp_path / "folder.toml").mkdir()
+    with pytest.raises(ConfigError, match=f"^{tmp_path / 'binary.toml'}: not a TOML file"):
+        load_toml(tmp_path / "binary.toml")
+    with pytest.raises(ConfigError, match=f"^{tmp_path / 'folder.toml'}: cannot read the config: Is a directory"):
+        load_toml(tmp_path / "folder.toml")
+
+
 def test_missing_preset_lists_known_ones():
     with pytest.raises(ConfigError, match="no preset 'gpt9'.*default"):
         resolve_config_path("gpt9")
@@ -70,6 +79,13 @@ def test_missing_preset_lists_known_ones():
     ({"optim": {"warmup_steps": 500}}, 1, r"warmup_steps \(500\)"),
     ({"run": {"dtype": "fp8"}}, 1, "run.dtype must be one of"),
     ({"run": {"dtype": "fp16", "parallel": "fsdp"}}, 2, "run.dtype fp16 with run.parallel fsdp"),
+    ({"optim": {"eps": 0.0}}, 1, r"optim.eps must be > 0, got 0.0"),
+    ({"optim": {"weight_decay": -0.1}}, 1, r"optim.weight_decay must be ≥ 0"),
+    ({"optim": {"grad_clip": -1.0}}, 1, r"optim.grad_clip must be ≥ 0"),
+    ({"run": {"seed": -1}}, 1, r"run.seed must be in \[0, 2\*\*32\), got -1"),
+    ({"run": {"seed": 2**32}}, 1, r"run.seed must be in \[0, 2\*\*32\)"),
+    ({"run": {"out_dir": " "}}, 1, "run.out_dir is empty"),
+    ({"run": {"peak_tflops": -5.0}}, 1, r"run.peak_tflops must be ≥ 0"),
 ])
 def test_validation_messages(changes, world, message):
     cfg = load_toml(resolve_config_path("default"))
