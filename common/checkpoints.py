@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from common.config import Config, ConfigError, config_from_dict, model_shape_diff
+from common.usage import first_line
 
 CHECKPOINT_SUBDIR = "checkpoints"
 META = "meta.json"
@@ -57,7 +58,7 @@ class CheckpointMeta:
         try:
             data = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: cannot read checkpoint metadata ({e})") from None
+            raise CheckpointError(f"{path}: cannot read checkpoint metadata ({first_line(e)})") from None
         if not isinstance(data, dict):
             raise CheckpointError(f"{path}: checkpoint metadata is not a JSON object")
         missing = [f.name for f in dataclasses.fields(cls)
@@ -73,7 +74,7 @@ class CheckpointMeta:
         try:
             return config_from_dict(self.config)
         except (TypeError, AttributeError, ConfigError) as e:
-            raise CheckpointError(f"{where}: holds no readable config ({e})") from None
+            raise CheckpointError(f"{where}: holds no readable config ({first_line(e)})") from None
 
     def replace(self, **changes: Any) -> CheckpointMeta:
         return dataclasses.replace(self, **changes)

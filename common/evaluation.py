@@ -18,6 +18,7 @@ from common.bpb import bits_per_byte, perplexity, utf8_bytes_of_targets
 from common.cli import INPUT_ERRORS, Parser, UsageError
 from common.data import DataError, val_batches
 from common.hellaswag import evaluate_hellaswag
+from common.outdir import output_file
 from common.portable import Portable
 from common.precision import dtypes_for
 from common.sampling import DEVICES
@@ -86,8 +87,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--checkpoint: {args.checkpoint} does not exist")
     if args.hellaswag is not None and not Path(args.hellaswag).is_file():
         raise UsageError(f"--hellaswag: {args.hellaswag} is not a file")
-    if args.json is not None and not Path(args.json).resolve().parent.is_dir():
-        raise UsageError(f"--json: the folder of {args.json} does not exist")
+    if args.json is not None:
+        if not Path(args.json).resolve().parent.is_dir():
+            raise UsageError(f"--json: the folder of {args.json} does not exist")
+        output_file(args.json, "--json")  # a folder or an unwritable path, refused before scoring
 
 
 def score(args: argparse.Namespace, losses_fn: LossesFn, portable: Portable, backend: str, device: Any,

@@ -26,7 +26,7 @@ from common.checkpoints import (CheckpointError, CheckpointMeta, check_model_mat
                                 read_meta, resolve)
 from common.cli import INPUT_ERRORS
 from common.config import Config, ConfigError, DataConfig, build_parser, parse_args, validate
-from common.data import DataError, loader_for, val_batches_for
+from common.data import DataError, DataLoader, loader_for, val_batches_for
 from common.hellaswag import HellaSwagError, load_examples
 from common.levers import Levers
 from common.loggers import Sinks, open_sinks
@@ -150,15 +150,29 @@ def train(backend: Backend, cfg: Config, resume: str | None = None, log: Callabl
     # Before the output folder exists: a lever value this backend cannot take is refused with nothing written.
     chosen = backend.levers(cfg, dist)
     ensure_data(cfg, say)
+    loader = loader_for(cfg, dist)  # unusable shards, too, are refused before the output folder exists
     out_dir = resolve_out_dir(cfg, backend)
+    if resume is not None:
+        _resume_folder(backend, out_dir, resume)
     with hold(out_dir, "run.out_dir") if dist.is_main else contextlib.nullcontext():
-        return _train(backend, cfg, dist, chosen, out_dir, resume, say)
+        return _train(backend, cfg, dist, chosen, loader, out_dir, resume, say)
 
 
-def _train(backend: Backend, cfg: Config, dist: DistInfo, chosen: Levers, out_dir: Path, resume: str | None,
-           say: Callable[..., None]) -> TrainResult:
+def _resume_folder(backend: Backend, out_dir: Path, resume: str) -> Path:
+    """The checkpoint step folder `resume` names ("latest": the newest in out_dir), refused when there is
+    none or another backend saved it."""
+    if resume == "latest" and latest_checkpoint(out_dir) is None:
+        raise CheckpointError(f"{out_dir}: no checkpoint to resume from")
+    folder = resolve(out_dir if resume == "latest" else Path(resume))
+    if (saved_by := read_meta(folder).backend) != backend.name:
+        raise CheckpointError(f"{folder}: a {saved_by} checkpoint; `python -m parity.convert {folder} DST --to "
+                              f"{backend.name}` makes a {backend.name} one to resume from")
+    return folder
+
+
+def _train(backend: Backend, cfg: Config, dist: DistInfo, chosen: Levers, loader: DataLoader, out_dir: Path,
+           resume: str | None, say: Callable[..., None]) -> TrainResult:
     o, r = cfg.optim, cfg.run
-    loader = loader_for(cfg, dist)
 
     def evaluate(state: Any) -> float:
         return float(backend.evaluate(state, val_batches_for(cfg, dist)))
@@ -166,14 +180,8 @@ def _train(backend: Backend, cfg: Config, dist: DistInfo, chosen: Levers, out_di
     history: list[dict[str, Any]] = []
     start = 0
     if resume is not None:
-        path = out_dir if resume == "latest" else Path(resume)
-        if resume == "latest" and latest_checkpoint(out_dir) is None:
-            raise CheckpointError(f"{out_dir}: no checkpoint to resume from")
-        folder = resolve(path)
-        if (saved_by := read_meta(folder).backend) != backend.name:
-            raise CheckpointError(f"{folder}: a {saved_by} checkpoint; `python -m parity.convert {folder} DST --to "
-                                  f"{backend.name}` makes a {backend.name} one to resume from")
-        state, meta = backend.load_checkpoint(folder, cfg, dist)  # the step folder, resolved once
+        folder = _resume_folder(backend, out_dir, resume)  # again under the lock: the newest may have changed
+        state, meta = backend.load_checkpoint(folder, cfg, dist)
         changed = _check_resumable(meta, cfg, folder)
         if changed and dist.is_main:
             print(f"warning: resuming {folder} with changed optimizer settings: {', '.join(changed)} (checkpoint → "

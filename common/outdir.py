@@ -41,11 +41,21 @@ def make_output_dir(path: str | os.PathLike, flag: str) -> Path:
 
 def output_file(path: str | os.PathLike, flag: str) -> Path:
     """`path` as a file a tool will write when its work is done, checked before the work starts: its
-    folder is created here, and a folder at `path` itself is refused (FolderError naming `flag`)."""
+    folder is created here, and a path that cannot be written (a folder there, no permission, a file
+    system that takes no new files) is refused with a FolderError naming `flag`. An existing file is
+    left as it is until the tool overwrites it."""
     path = Path(path)
     make_output_dir(path.resolve().parent, flag)
     if path.is_dir():
         raise FolderError(f"{flag}: {path} is a folder; give a file name")
+    existed = path.exists()
+    try:
+        with open(path, "a"):  # append: an existing file keeps its content
+            pass
+    except OSError as e:
+        raise FolderError(f"{flag}: cannot write {path}: {e.strerror}") from None
+    if not existed:
+        path.unlink()
     return path
 
 

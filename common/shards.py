@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common.usage import first_line
+
 MAGIC = 20240520
 VERSION = 1
 HEADER_INTS = 256
@@ -95,7 +97,7 @@ def _open_npy(path: Path) -> np.ndarray:
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise ShardError(f"{path}: not a readable .npy token shard ({e})") from None
+        raise ShardError(f"{path}: not a readable .npy token shard ({first_line(e)})") from None
     if arr.ndim != 1 or arr.dtype not in (np.uint16, np.int32, np.int64, np.uint32):
         raise ShardError(f"{path}: expected a 1-D integer token array, got {arr.dtype} with shape {arr.shape}")
     return arr

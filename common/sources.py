@@ -13,6 +13,8 @@ import sysconfig
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from common.usage import first_line
+
 INPUT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 Document = str | Path  # a Path is read by the worker, so file corpora are never pickled as text
@@ -65,7 +67,7 @@ def _check_parquet(path: Path, column: str):
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for a non-parquet file
-        raise PrepareError(f"{path}: not a readable parquet file ({e})") from None
+        raise PrepareError(f"{path}: not a readable parquet file ({first_line(e)})") from None
     if column not in pf.schema_arrow.names:
         raise PrepareError(f"{path}: no column '{column}' (columns: {', '.join(pf.schema_arrow.names)}); "
                            f"use --text-field")

@@ -27,3 +27,9 @@ class ExitingParser(argparse.ArgumentParser):
     def error(self, message: str):
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of another library's error message, for quoting it inside a one-line error (torch's
+    and safetensors' messages run over several lines)."""
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)

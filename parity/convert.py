@@ -45,8 +45,8 @@ def write_portable(p: Portable, dst: str | Path, target: str) -> Path:
 def convert(src: str | Path, dst: str | Path, target: str) -> tuple[Portable, Path]:
     """Read `src` and write it as `target` at `dst`, a run folder held under its lock as a training run holds
     it (common/outdir.py): (what was read, the folder written)."""
+    portable = read_portable(src, moments=target != "hf")  # first: a source refused leaves no DST behind
     make_output_dir(dst, "DST")
-    portable = read_portable(src, moments=target != "hf")
     with hold(dst, "DST") if target != "hf" else contextlib.nullcontext():
         return portable, write_portable(portable, dst, target)
 

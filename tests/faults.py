@@ -10,9 +10,11 @@ naming the file, field or flag, no traceback, and every file of the world byte-i
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import importlib
 import json
+import pickle
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,12 +60,20 @@ class Case:
     argv: Callable[[World, Path], list[str]]  # (world, this case's empty tmp folder) -> argv
     names: Callable[[World, Path], str] | str  # what the error line must contain
     during: Callable[[World, Path], ContextManager] | None = None  # held while main runs (a busy folder)
+    # Found only once the work is under way (a bad token id read with its batch, a bad document mid-stream):
+    # the output folder may exist by then. Every other refusal leaves the case's folder as it was.
+    found_late: bool = False
 
 
 def snapshot(root: Path) -> dict[str, str]:
     """sha256 of every file under root by relative path, lock files aside."""
     return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file() and p.name != LOCK}
+
+
+def entries(root: Path) -> set[str]:
+    """Every file and folder under root, lock files included."""
+    return {p.relative_to(root).as_posix() for p in root.rglob("*")}
 
 
 def run_main(module: str, argv: list[str], capsys) -> tuple[int, str]:
@@ -80,7 +90,9 @@ def check_case(case: Case, world: World, tmp: Path, capsys) -> None:
 
     before = snapshot(world.root)
     with case.during(world, tmp) if case.during else contextlib.nullcontext():
+        own = entries(tmp)
         code, err = run_main(case.module, case.argv(world, tmp), capsys)
+        assert case.found_late or entries(tmp) == own, "a refused command created files or folders in its folder"
     names = case.names if isinstance(case.names, str) else case.names(world, tmp)
     lines = err.splitlines()
     assert "Traceback" not in err, err
@@ -129,6 +141,9 @@ def _runs(world: World) -> None:
     step = _copy_run(world, "torch_run", "torch_legacy_truncated")
     _drop_hashes(step)
     (step / "train_state.pt").write_bytes((step / "train_state.pt").read_bytes()[:1000])
+    step = _copy_run(world, "torch_run", "torch_legacy_foreign")  # a pickle torch's weights-only reader refuses
+    _drop_hashes(step)
+    (step / "train_state.pt").write_bytes(pickle.dumps(collections.OrderedDict(step=collections.Counter())))
     step = _copy_run(world, "jax_run", "jax_garbled")
     world.paths["jax_garbled_file"] = _biggest(step / "params")
     _flip(world["jax_garbled_file"])

@@ -45,6 +45,7 @@ def reader_cases(b: str) -> list[Case]:
              "--temperature must be a finite number, got inf"),
         Case(f"{b}-sample-negative-top-k", sample, ck("torch_run", "--top-k", "-1"), "--top-k must be ≥ 0"),
         Case(f"{b}-sample-zero-samples", sample, ck("torch_run", "--num-samples", "0"), "--num-samples must be ≥ 1"),
+        Case(f"{b}-sample-huge-seed", sample, ck("torch_run", "--seed", str(2**70)), "--seed must be in [0, 2**32)"),
         Case(f"{b}-sample-bad-device", sample, ck("torch_run", "--device", "tpu"), "argument --device"),
         Case(f"{b}-sample-missing", sample, lambda w, tmp: ["--checkpoint", str(tmp / "none")],
              lambda w, tmp: f"{tmp / 'none'}: does not exist"),
@@ -60,6 +61,8 @@ def reader_cases(b: str) -> list[Case]:
         Case(f"{b}-evaluate-hf-without-data", evaluate, ck("hf_gpt2"), "--data: a Hugging Face folder records no data"),
         Case(f"{b}-evaluate-json-folder-missing", evaluate,
              lambda w, tmp: ck("torch_run", "--json", tmp / "no" / "r.json")(w, tmp), "--json: the folder of"),
+        Case(f"{b}-evaluate-json-a-folder", evaluate, lambda w, tmp: ck("torch_run", "--json", tmp)(w, tmp),
+             lambda w, tmp: f"--json: {tmp} is a folder"),
     ]
     return cases
 
@@ -80,6 +83,8 @@ CONVERT_CASES = [
          "model.safetensors: sha256"),
     Case("convert-legacy-truncated", "parity.convert", convert("{torch_legacy_truncated}", "{tmp}/x", "--to", "jax"),
          "train_state.pt: cannot read optimizer state"),
+    Case("convert-legacy-foreign-pickle", "parity.convert",
+         convert("{torch_legacy_foreign}", "{tmp}/x", "--to", "jax"), "train_state.pt: cannot read optimizer state"),
     Case("convert-untied-hf", "parity.convert", convert("{hf_untied}", "{tmp}/x", "--to", "torch"),
          "tie_word_embeddings is false"),
     Case("convert-busy-destination", "parity.convert", convert("{torch_run}", "{tmp}/busy", "--to", "jax"),

@@ -1,6 +1,6 @@
 """The fault suite, the other tools: common.prepare, parity.check, the benches, parity.profile, parity.probe,
-common.plan, common.report and parity.sweep. Each bad input is one error line naming it, exit code 2, no traceback, nothing of the world
-changed (tests/faults.py)."""
+common.plan, common.report, parity.sweep and parity.gpu. Each bad input is one error line naming it, exit code 2,
+no traceback, nothing of the world changed (tests/faults.py)."""
 from __future__ import annotations
 
 import pytest
@@ -18,11 +18,15 @@ def named(text: str):
 
 
 PREPARE = "common.prepare"
+# Should a check below be lost, the command would start work: these keep that work short (a tiny sweep;
+# parity.gpu's dry run of one section, or a --time-limit that skips every section) and its output in {tmp}.
+SMALL_SWEEP = ("--shape", "tiny", "--max-batch", 1, "--steps", 1)
+GPU = ("--dry-run", "--only", "env", "--out", "{tmp}/gpu")
 CASES = [
     Case("prepare-empty-input", PREPARE, args("--input", "{empty_txt}", "--out", "{tmp}/o"),
-         named("{empty_txt}: no text to tokenize")),
+         named("{empty_txt}: no text to tokenize"), found_late=True),
     Case("prepare-invalid-jsonl", PREPARE, args("--input", "{bad_jsonl}", "--out", "{tmp}/o"),
-         named("{bad_jsonl}:2: not valid JSON")),
+         named("{bad_jsonl}:2: not valid JSON"), found_late=True),
     Case("prepare-out-under-a-file", PREPARE, args("--input", "{bad_jsonl}", "--out", "{a_file}/o"),
          named("--out: cannot create {a_file}/o: {a_file} is a file")),
     Case("prepare-missing-input", PREPARE, args("--input", "{tmp}/none.txt", "--out", "{tmp}/o"),
@@ -33,6 +37,14 @@ CASES = [
          "--name 'a_b'"),
     Case("prepare-negative-seed", PREPARE, args("--input", "{bad_jsonl}", "--out", "{tmp}/o", "--seed", -1),
          "--seed must be >= 0"),
+    Case("prepare-huge-shard-size", PREPARE, args("--input", "{bad_jsonl}", "--out", "{tmp}/o", "--shard-size",
+                                                  99999999999), "--shard-size must be ≤ 2,147,483,647"),
+    Case("prepare-huge-val-tokens", PREPARE, args("--input", "{bad_jsonl}", "--out", "{tmp}/o", "--val-tokens",
+                                                  2 ** 31), "--val-tokens must be ≤ 2,147,483,647"),
+    Case("prepare-zero-workers", PREPARE, args("--input", "{bad_jsonl}", "--out", "{tmp}/o", "--workers", 0),
+         "--workers must be ≥ 1"),
+    Case("prepare-negative-workers", PREPARE, args("--input", "{bad_jsonl}", "--out", "{tmp}/o", "--workers", -2),
+         "--workers must be ≥ 1"),
     Case("prepare-wrong-type", PREPARE, args("--workers", "two"), "argument --workers: invalid int value"),
     Case("prepare-two-sources", PREPARE, args("--input", "{empty_txt}", "--hf", "x"), "argument --hf: not allowed"),
     Case("check-unknown-dtype", "parity.check", args("--dtype", "fp8"), "argument --dtype: invalid choice: 'fp8'"),
@@ -40,6 +52,7 @@ CASES = [
     Case("check-unknown-key", "parity.check", args("--model.n_layr", 2), "unknown key 'model.n_layr'"),
     Case("check-json-under-a-file", "parity.check", args("--json", "{a_file}/r.json"), named("--json: cannot create")),
     Case("check-not-toml", "parity.check", args("--config", "{not_toml}"), named("{not_toml}: invalid TOML")),
+    Case("check-overridden-dtype", "parity.check", args("--run.dtype", "fp16"), "--run.dtype: parity.check sets it"),
     Case("bench-unknown-backend", "parity.bench", args("--backends", "torch,mx"), "--backends: expected a subset"),
     Case("bench-zero-rounds", "parity.bench", args("--rounds", 0), "--rounds must be ≥ 1"),
     Case("bench-suite-flag-alone", "parity.bench", args("--rows", "tiny"), "--rows needs --suite"),
@@ -71,9 +84,31 @@ CASES = [
     Case("report-missing-run", "common.report", args("{tmp}/none"), named("{tmp}/none: no such run folder")),
     Case("report-labels", "common.report", args("{torch_run}", "--labels", "a,b"), "--labels: 2 label(s) for 1 run(s)"),
     Case("report-wrong-type", "common.report", args("{torch_run}", "--target", "low"), "argument --target"),
+    Case("report-infinite-target", "common.report", args("{torch_run}", "--out", "{tmp}/o", "--target", "inf"),
+         "--target must be a finite val loss, got inf"),
+    Case("report-nan-target", "common.report", args("{torch_run}", "--out", "{tmp}/o", "--target", "nan"),
+         "--target must be a finite val loss, got nan"),
+    Case("sweep-nan-rss", "parity.sweep", args("--backend", "torch", *SMALL_SWEEP, "--max-rss-gb", "nan"),
+         "--max-rss-gb must be a finite number > 0, got nan"),
+    Case("sweep-infinite-rss", "parity.sweep", args("--backend", "torch", *SMALL_SWEEP, "--max-rss-gb", "inf"),
+         "--max-rss-gb must be a finite number > 0, got inf"),
     Case("sweep-zero-batch", "parity.sweep", args("--backend", "torch", "--max-batch", 0), "--max-batch must be ≥ 1"),
     Case("sweep-unknown-backend", "parity.sweep", args("--backend", "mx"), "argument --backend: invalid choice"),
     Case("sweep-jax-fp16", "parity.sweep", args("--backend", "jax", "--dtype", "fp16"), "--dtype fp16 is torch-only"),
+    Case("gpu-zero-micro-batch", "parity.gpu", args(*GPU, "--time-limit", 1, "--max-micro-batch", 0),
+         "--max-micro-batch must be ≥ 1, got 0"),
+    Case("gpu-zero-parity-steps", "parity.gpu", args(*GPU, "--time-limit", 1, "--parity-steps", 0),
+         "--parity-steps must be ≥ 1, got 0"),
+    Case("gpu-zero-time-limit", "parity.gpu", args(*GPU, "--time-limit", 0), "--time-limit must be a finite"),
+    Case("gpu-nan-time-limit", "parity.gpu", args(*GPU, "--time-limit", "nan"), "--time-limit must be a finite"),
+    Case("gpu-nan-train-seconds", "parity.gpu", args(*GPU, "--time-limit", 1, "--train-seconds", "nan"),
+         "--train-seconds must be a finite"),
+    Case("gpu-out-under-a-file", "parity.gpu", args("--time-limit", 1, "--out", "{a_file}/x"),
+         named("--out: cannot create {a_file}/x: {a_file} is a file")),
+    Case("gpu-out-a-file", "parity.gpu", args("--time-limit", 1, "--out", "{a_file}"),
+         named("--out: cannot create {a_file}: {a_file} is a file")),
+    Case("gpu-missing-data-dir", "parity.gpu", args(*GPU, "--time-limit", 1, "--data-dir", "{tmp}/none"),
+         named("--data-dir: {tmp}/none is not a folder")),
 ]
 
 

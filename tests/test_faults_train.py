@@ -75,7 +75,7 @@ def trainer_cases(b: str) -> list[Case]:
                          ("id_npy", ": token id -5"), ("dtype_npy", ": expected a 1-D integer")):
         cases.append(Case(f"{b}-shard-{folder}", module,
                           lambda w, tmp, f=folder: w.train_argv(b, tmp / "out", data__dir=w[f]),
-                          shard_file(folder, then)))
+                          shard_file(folder, then), found_late=folder.startswith("id_")))
     if b == "torch":
         cases += [Case("torch-resume-garbled", module, resume("torch_garbled"), "model.safetensors: sha256"),
                   Case("torch-resume-truncated", module, resume("torch_truncated"), "train_state.pt: sha256"),

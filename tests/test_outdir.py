@@ -36,9 +36,12 @@ def test_a_report_file_gets_its_folder_made_and_is_refused_when_a_folder_stands_
     assert (tmp_path / "new").is_dir() and not (tmp_path / "new" / "r.json").exists()
     with pytest.raises(FolderError, match=f"^--plot: {tmp_path / 'new'} is a folder; give a file name$"):
         output_file(tmp_path / "new", "--plot")
-    (tmp_path / "f").write_text("")
+    (tmp_path / "f").write_text("kept")
     with pytest.raises(FolderError, match=f"^--json: cannot create {tmp_path / 'f'}: .* is a file"):
         output_file(tmp_path / "f" / "r.json", "--json")
+    assert output_file(tmp_path / "f", "--json") == tmp_path / "f" and (tmp_path / "f").read_text() == "kept"
+    with pytest.raises(FolderError, match="^--json: cannot write /proc/r.json: "):  # no new files in /proc
+        output_file("/proc/r.json", "--json")
 
 
 def test_the_lock_names_its_holder_and_is_released_at_the_end(tmp_path):

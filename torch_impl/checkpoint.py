@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from common.checkpoints import (CHECKPOINT_SUBDIR, CheckpointError, CheckpointMe
 from common.config import Config
 from common.names import check_weights, decay_groups, param_shapes
 from common.precision import PRECISIONS
+from common.usage import first_line
 from torch_impl import dist
 
 WEIGHTS = "model.safetensors"
@@ -69,7 +71,7 @@ def load_checkpoint(folder: str | os.PathLike, state: Any) -> Any:
             state.scaler.load_state_dict(saved["scaler"])
         state.step = int(saved["step"])
     except (KeyError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{folder / TRAIN_STATE}: optimizer state does not fit this model ({e})") from None
+        raise CheckpointError(f"{folder / TRAIN_STATE}: optimizer state does not fit this model ({first_line(e)})") from None
     if state.dist.is_main:
         torch.set_rng_state(saved["rng_cpu"])
         if state.device.type == "cuda" and saved.get("rng_cuda") is not None:
@@ -87,7 +89,7 @@ def read_weights(folder: str | os.PathLike, cfg: Config) -> dict[str, np.ndarray
     try:
         weights = load_file(str(path))
     except Exception as e:  # safetensors has its own error types for missing or corrupt files
-        raise CheckpointError(f"{path}: cannot read model weights ({e})") from None
+        raise CheckpointError(f"{path}: cannot read model weights ({first_line(e)})") from None
     try:
         check_weights(weights, cfg.model, str(path))
     except ValueError as e:
@@ -102,7 +104,7 @@ def read_moments(folder: str | os.PathLike, cfg: Config) -> dict[str, Any]:
     try:
         return moments_of(saved["optimizer"], cfg, int(saved["step"]))
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: optimizer state does not fit the model of its config ({e})") from None
+        raise CheckpointError(f"{path}: optimizer state does not fit the model of its config ({first_line(e)})") from None
 
 
 def moments_of(optimizer_state: dict[str, Any], cfg: Config, step: int) -> dict[str, Any]:
@@ -158,6 +160,8 @@ def _remove_leftovers(root: Path) -> None:
 def _read_train_state(folder: Path) -> dict[str, Any]:
     path = folder / TRAIN_STATE
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about a foreign pickle before refusing it: one line only
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many types for a truncated or foreign file
-        raise CheckpointError(f"{path}: cannot read optimizer state ({e})") from None
+        raise CheckpointError(f"{path}: cannot read optimizer state ({first_line(e)})") from None
