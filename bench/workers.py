@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -57,21 +58,28 @@ def child_env(extra_env: Mapping[str, str] | None = None, base: Mapping[str, str
 
 
 def parse_pin(text: str | None, flag: str = "--pin") -> str | None:
-    """A `taskset -c` CPU list ("0", "0,2", "0-3") checked against the CPUs this process may run on, so a CPU
-    the machine lacks is one line naming the flag instead of a worker dying under taskset. None stays None."""
+    """A `taskset -c` CPU list ("0", "0,2", "0-3", "0-7:2") checked against the CPUs this process may run on,
+    so a CPU the machine lacks is one line naming the flag instead of a worker dying under taskset. None
+    stays None."""
     if text is None:
         return None
-    allowed = os.sched_getaffinity(0)
     cpus: set[int] = set()
     for part in text.split(","):
-        lo, dash, hi = part.strip().partition("-")
-        if not lo.isdigit() or (dash and not (hi.isdigit() and int(hi) >= int(lo))):
+        m = re.fullmatch(r"(\d+)(?:-(\d+)(?::(\d+))?)?", part, re.ASCII)  # taskset's own syntax: no spaces
+        lo, hi, stride = (int(g) if g else None for g in m.groups()) if m else (None, None, None)
+        if lo is None or (hi is not None and hi < lo) or stride == 0:
             raise UsageError(f"{flag}: expected a CPU list such as 0, 0,1 or 0-3, got '{text}'")
-        cpus.update(range(int(lo), int(hi or lo) + 1))
-    if missing := sorted(cpus - allowed):
+        cpus.update(range(lo, (lo if hi is None else hi) + 1, stride or 1))
+    allowed = usable_cpu_ids()
+    if allowed is not None and (missing := sorted(cpus - allowed)):
         raise UsageError(f"{flag} {text}: CPU {missing[0]} is not one this process may run on "
                          f"({', '.join(map(str, sorted(allowed)))})")
     return text
+
+
+def usable_cpu_ids() -> set[int] | None:
+    """The CPUs this process may run on, where the OS says (Linux); None elsewhere."""
+    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
 
 
 def module_command(module: str, args: Sequence[Any] = (), pin: str | None = None,

@@ -241,8 +241,7 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
 
 
 def validate_model(m: ModelConfig) -> ModelConfig:
-    """The model section's own checks (shapes that exist, a vocabulary the shard format holds); also what
-    a Hugging Face config.json is held to."""
+    """The model section's own checks (shapes that exist); also what a Hugging Face config.json is held to."""
     for name in ("vocab_size", "padded_vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
         if getattr(m, name) <= 0:
             raise ConfigError(f"model.{name} must be positive, got {getattr(m, name)}")
@@ -251,8 +250,6 @@ def validate_model(m: ModelConfig) -> ModelConfig:
     if m.padded_vocab_size < m.vocab_size:
         raise ConfigError(
             f"model.padded_vocab_size ({m.padded_vocab_size}) is smaller than model.vocab_size ({m.vocab_size})")
-    if m.vocab_size > 65535 + 1:
-        raise ConfigError(f"model.vocab_size ({m.vocab_size}) does not fit the uint16 shard format")
     if m.loss_chunk_rows < AUTO_CHUNK_ROWS:
         raise ConfigError(f"model.loss_chunk_rows must be ≥ 0 (0 = unfused head) or -1 (the machine's choice), "
                           f"got {m.loss_chunk_rows}")
@@ -270,6 +267,8 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
                                                                             else (value,))):
                 raise ConfigError(f"{section}.{key} must be finite, got {value}")
     m = validate_model(cfg.model)
+    if m.vocab_size > 65535 + 1:
+        raise ConfigError(f"model.vocab_size ({m.vocab_size}) does not fit the uint16 shard format")
     if o.micro_batch_size <= 0 or o.total_batch_size <= 0:
         raise ConfigError("optim.micro_batch_size and optim.total_batch_size must be positive")
     per_micro = o.micro_batch_size * m.block_size * world_size

@@ -32,7 +32,7 @@ def config_from_hf(hf: dict, source: str, padded_vocab_size: int | None = None) 
         raise HFError(f"{source}: not a GPT-2 config (a JSON object of GPT2Config fields)")
     if hf.get("model_type", "gpt2") != "gpt2":
         raise HFError(f"{source}: model_type is {hf.get('model_type')!r}, expected 'gpt2'")
-    sizes = {}  # checked first: the tests below compute with them
+    sizes = {}  # checked first: the checks below compute with them
     for key in ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd"):
         if isinstance(hf[key], bool) or not isinstance(hf[key], int):
             raise HFError(f"{source}: {key} must be an integer, got {json.dumps(hf[key])}")
@@ -58,8 +58,8 @@ def config_from_hf(hf: dict, source: str, padded_vocab_size: int | None = None) 
                       n_embd=sizes["n_embd"], dropout=0.0, bias=True)
     try:
         return validate_model(cfg)
-    except ConfigError as e:  # named by the model field; block_size is HF's n_positions
-        raise HFError(f"{source}: {e}") from None
+    except ConfigError as e:  # named by the file's own keys
+        raise HFError(f"{source}: " + str(e).replace("model.block_size", "n_positions").replace("model.", "")) from None
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:

@@ -153,7 +153,8 @@ def train(backend: Backend, cfg: Config, resume: str | None = None, log: Callabl
     loader = loader_for(cfg, dist)  # unusable shards, too, are refused before the output folder exists
     out_dir = resolve_out_dir(cfg, backend)
     if resume is not None:
-        _resume_folder(backend, out_dir, resume)
+        folder = _resume_folder(backend, out_dir, resume)
+        _check_resumable(read_meta(folder), cfg, folder)  # a checkpoint this config cannot continue, too
     with hold(out_dir, "run.out_dir") if dist.is_main else contextlib.nullcontext():
         return _train(backend, cfg, dist, chosen, loader, out_dir, resume, say)
 

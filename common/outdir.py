@@ -2,8 +2,8 @@
 
 `make_output_dir(path, flag)` turns the OSError of a folder that cannot exist (a regular file on its path,
 no permission) into a FolderError naming the flag and the file in the way; `output_file(path, flag)` checks a
-report's destination the same way before the work that fills it. `hold(folder, flag)` is a
-context manager holding an exclusive `flock` on `folder/.lock` for the life of a run; the holder's pid
+report's destination before the work that fills it, creating nothing, and `write_output` writes it.
+`hold(folder, flag)` is a context manager holding an exclusive `flock` on `folder/.lock` for the life of a run; the holder's pid
 and host are written inside for the message a second run gets. The kernel drops the lock when its
 process dies, however it dies, so the lock of a killed run is taken over by the next without any
 staleness test (a pid check could name a pid reused by another process).
@@ -40,22 +40,40 @@ def make_output_dir(path: str | os.PathLike, flag: str) -> Path:
 
 
 def output_file(path: str | os.PathLike, flag: str) -> Path:
-    """`path` as a file a tool will write when its work is done, checked before the work starts: its
-    folder is created here, and a path that cannot be written (a folder there, no permission, a file
-    system that takes no new files) is refused with a FolderError naming `flag`. An existing file is
-    left as it is until the tool overwrites it."""
+    """`path` as a file a tool will write when its work is done, checked before the work starts and without
+    creating anything: a refused command leaves nothing behind, and a path that could not be written (a
+    folder, a file on the way, no permission) is a FolderError naming `flag` now, not a traceback at the
+    end. `write_output` writes it, creating its folders then."""
     path = Path(path)
-    make_output_dir(path.resolve().parent, flag)
     if path.is_dir():
         raise FolderError(f"{flag}: {path} is a folder; give a file name")
-    existed = path.exists()
-    try:
-        with open(path, "a"):  # append: an existing file keeps its content
-            pass
-    except OSError as e:
-        raise FolderError(f"{flag}: cannot write {path}: {e.strerror}") from None
-    if not existed:
+    if os.path.lexists(path):
+        if not path.is_file():  # a dangling link, a FIFO: writing would not make the report a file here
+            raise FolderError(f"{flag}: {path} exists and is not a regular file")
+        if not os.access(path, os.W_OK):
+            raise FolderError(f"{flag}: {path} is not writable")
+        return path
+    parent = path.absolute().parent
+    existing = next(p for p in (parent, *parent.parents) if os.path.lexists(p))
+    if not existing.is_dir():
+        raise FolderError(f"{flag}: cannot create {parent}: {existing} is a file, not a folder")
+    if existing == parent:  # the file itself can be tried, and removed again
+        try:
+            with open(path, "x"):
+                pass
+        except OSError as e:
+            raise FolderError(f"{flag}: cannot write {path}: {e.strerror}") from None
         path.unlink()
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        raise FolderError(f"{flag}: cannot create {parent}: {existing} is not writable")
+    return path
+
+
+def write_output(path: str | os.PathLike, text: str) -> Path:
+    """Write a report checked by `output_file`, creating its folders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
     return path
 
 

@@ -44,8 +44,8 @@ def check(args: argparse.Namespace) -> None:
         raise UsageError(f"--temperature must be a finite number, got {args.temperature}")
     if args.temperature < 0:
         raise UsageError(f"--temperature must be ≥ 0, got {args.temperature}")
-    if not 0 <= args.seed < SEED_LIMIT:
-        raise UsageError(f"--seed must be in [0, 2**32), got {args.seed}")
+    if not 0 <= args.seed <= SEED_LIMIT - args.num_samples:  # sample i draws with seed + i
+        raise UsageError(f"--seed must be in [0, 2**32 − --num-samples], got {args.seed}")
 
 
 def read_prompt(flag: str | None) -> str:

@@ -31,7 +31,7 @@ from bench.workers import allocator_env, parse_pin
 from common.benchtiming import DEFAULT_SHAPE, SHAPES
 from common.config import PARALLELISMS, ConfigError
 from common.loop import INPUT_ERRORS, ensure_data
-from common.outdir import output_file
+from common.outdir import output_file, write_output
 from common.usage import ExitingParser
 from parity.bench_suite import SUITE_DTYPES, SUITE_ROWS, run_suite, suite_options, suite_text
 
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 2; --suite: per row)")
     p.add_argument("--backends", default="torch,jax", help="comma-separated subset of torch,jax")
     p.add_argument("--pin", default=None, help="run each worker under `taskset -c PIN` (e.g. 0); with --suite: "
-                   "the CPUs of the single-CPU pass (default 0)")
+                   "the CPUs of the single-CPU pass (default: the first CPU this process may use)")
     p.add_argument("--json", type=Path, help="write the full report here")
     p.add_argument("--plot", type=Path, help="write a PNG of tokens/s per window and loss curves")
     p.add_argument("--parallel", choices=PARALLELISMS, default=None,
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             report = bench(cfg, rounds, steps, warmup, args.pin, backends, parallel=modes)
             print(format_table(report))
         if args.json:
-            args.json.write_text(json.dumps(report, indent=1) + "\n")
+            write_output(args.json, json.dumps(report, indent=1) + "\n")
         if args.plot:
             plot(report, args.plot)
             print(f"plot written to {args.plot}")

@@ -21,10 +21,11 @@ from typing import Any, Callable, Sequence
 from bench import pairwise
 from bench.pairwise import bench, bench_config
 from bench.trainee import BACKENDS
-from bench.workers import allocator_env, parse_pin
+from bench.workers import allocator_env, parse_pin, usable_cpu_ids
 from common.config import Config, ConfigError, dump_toml
 from common.cpuinfo import cpuinfo_field
 from common.loop import ensure_data
+from common.outdir import write_output
 from parity.probe import measure_peaks
 from parity.profile import format_profiles, profile_config
 
@@ -261,7 +262,7 @@ def run_suite(opts: SuiteOptions, command: str, json_path: Path | None,
         report["rows"].append(summary)
         log(format_suite_row(summary))
         if json_path:  # after every row, so a long suite that dies later keeps what it measured
-            json_path.write_text(json.dumps(report, indent=1) + "\n")
+            write_output(json_path, json.dumps(report, indent=1) + "\n")
     return report
 
 
@@ -284,6 +285,7 @@ def suite_options(args: argparse.Namespace, overrides: Sequence[str], backends: 
                         rows=parse_choices(args.rows or ",".join(SUITE_ROWS), "--rows", tuple(SUITE_ROWS)),
                         dtypes=parse_choices(args.dtypes or ",".join(SUITE_DTYPES), "--dtypes", SUITE_DTYPES),
                         backends=backends, rounds=args.rounds, steps=args.steps, warmup=args.warmup,
-                        pin=None if args.no_pin else parse_pin(args.pin or "0"), pin_rounds=args.pin_rounds,
+                        pin=None if args.no_pin else parse_pin(args.pin) or str(min(usable_cpu_ids() or {0})),
+                        pin_rounds=args.pin_rounds,
                         compile_time=args.compile_time, profile=args.profile)
 

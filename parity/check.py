@@ -26,7 +26,7 @@ from common.cli import INPUT_ERRORS, Parser
 from common.config import ConfigError, apply_overrides, load_toml, resolve_config_path, validate
 from common.data import DataLoader
 from common.loop import ensure_data
-from common.outdir import output_file
+from common.outdir import output_file, write_output
 from parity.compare import (TOLERANCES, Pair, Tolerances, global_rel, load_backends, make_loader, max_abs,
                             start_pair, tensor_diffs, update_rel, worst)
 from parity.suite import run_suite
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             report["suite"] = run_suite(cfg, TOLERANCES[args.dtype])
             report["passed"] = report["passed"] and all(c["passed"] for c in report["suite"])
         if args.json:
-            args.json.write_text(json.dumps(report, indent=1, default=float) + "\n")
+            write_output(args.json, json.dumps(report, indent=1, default=float) + "\n")
             print(f"report written to {args.json}")
         return 0 if report["passed"] else 1
     except INPUT_ERRORS as e:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 from bench import workers
 from common.benchtiming import MIN_REPEATS, REPEATS, time_gemm
-from common.outdir import FolderError, output_file
+from common.outdir import FolderError, output_file, write_output
 from common.usage import ExitingParser, UsageError
 
 FRAMEWORKS = ("torch", "jax")
@@ -174,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = measure_peaks(args.budget, sizes, pin, frameworks)
         print(format_probe(report))
         if args.json:
-            args.json.write_text(json.dumps(report, indent=1) + "\n")
+            write_output(args.json, json.dumps(report, indent=1) + "\n")
         return 0
     except (ProbeError, UsageError, FolderError) as e:
         print(f"error: {e}", file=sys.stderr)

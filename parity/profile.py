@@ -36,7 +36,7 @@ from common.backend import load_backend
 from common.benchtiming import SHAPES
 from common.config import Config, ConfigError, dump_toml, load_toml
 from common.loop import INPUT_ERRORS, ensure_data
-from common.outdir import output_file
+from common.outdir import output_file, write_output
 from common.usage import ExitingParser
 
 DEFAULT_STEPS = 2
@@ -339,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(format_profiles(results, title, args.top))
         print(f"\nallocator: {env_note}")
         if args.json:
-            args.json.write_text(json.dumps({"config": cfg.to_dict(), "profiles": results}, indent=1) + "\n")
+            write_output(args.json, json.dumps({"config": cfg.to_dict(), "profiles": results}, indent=1) + "\n")
         return 0
     except INPUT_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)

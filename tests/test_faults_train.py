@@ -55,6 +55,8 @@ def trainer_cases(b: str) -> list[Case]:
         Case(f"{b}-existing-run-without-resume", module, lambda w, tmp: w.train_argv(b, w[f"{b}_run"]),
              "already holds checkpoints (newest: step_00000002); pass --resume"),
         Case(f"{b}-resume-wrong-shape", module, resume(f"{b}_run", model__n_embd=64), "model.n_embd = 32"),
+        Case(f"{b}-resume-wrong-shape-into-a-new-folder", module,
+             lambda w, tmp: fresh("--resume", w[f"{b}_run"], model__n_embd=64)(w, tmp), "model.n_embd = 32"),
         Case(f"{b}-resume-other-batch", module, resume(f"{b}_run", optim__total_batch_size=128),
              "optim.total_batch_size (checkpoint 64, config 128)"),
         Case(f"{b}-resume-busy", module, resume(f"{b}_run"), "is in use by pid",

@@ -67,8 +67,8 @@ def test_bad_folders_name_the_file(tmp_path):
         load_hf_folder(tmp_path)
     gpt2 = {"vocab_size": 256, "n_positions": 32, "n_layer": 1, "n_head": 2, "n_embd": 32}
     for config, message in (([1, 2], "not a GPT-2 config"), ({**gpt2, "n_layer": "x"}, 'n_layer must be an integer, got "x"'),
-                            ({**gpt2, "n_head": 3}, r"model.n_embd \(32\) is not divisible by model.n_head \(3\)"),
-                            ({**gpt2, "n_positions": 0}, "model.block_size must be positive, got 0")):
+                            ({**gpt2, "n_head": 3}, r"n_embd \(32\) is not divisible by n_head \(3\)"),
+                            ({**gpt2, "n_positions": 0}, "n_positions must be positive, got 0")):
         (tmp_path / "config.json").write_text(json.dumps(config))
         with pytest.raises(HFError, match=f"config.json: {message}"):
             load_hf_folder(tmp_path)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from common.outdir import LOCK, FolderError, hold, make_output_dir, output_file
+from common.outdir import LOCK, FolderError, hold, make_output_dir, output_file, write_output
 from helpers import ROOT
 
 HOLDER = """
@@ -31,16 +31,25 @@ def test_a_folder_under_a_file_names_the_flag_and_the_file(tmp_path):
     assert make_output_dir(tmp_path / "new" / "run", "--out").is_dir()
 
 
-def test_a_report_file_gets_its_folder_made_and_is_refused_when_a_folder_stands_there(tmp_path):
-    assert output_file(tmp_path / "new" / "r.json", "--json") == tmp_path / "new" / "r.json"
-    assert (tmp_path / "new").is_dir() and not (tmp_path / "new" / "r.json").exists()
+def test_a_report_destination_is_checked_without_creating_anything_and_written_with_its_folders(tmp_path):
+    target = tmp_path / "new" / "r.json"
+    assert output_file(target, "--json") == target and list(tmp_path.iterdir()) == []
+    assert write_output(target, "{}") == target and target.read_text() == "{}"
     with pytest.raises(FolderError, match=f"^--plot: {tmp_path / 'new'} is a folder; give a file name$"):
         output_file(tmp_path / "new", "--plot")
     (tmp_path / "f").write_text("kept")
-    with pytest.raises(FolderError, match=f"^--json: cannot create {tmp_path / 'f'}: .* is a file"):
-        output_file(tmp_path / "f" / "r.json", "--json")
+    with pytest.raises(FolderError, match=f"^--json: cannot create {tmp_path / 'f' / 'a'}: {tmp_path / 'f'} is a file"):
+        output_file(tmp_path / "f" / "a" / "r.json", "--json")
     assert output_file(tmp_path / "f", "--json") == tmp_path / "f" and (tmp_path / "f").read_text() == "kept"
-    with pytest.raises(FolderError, match="^--json: cannot write /proc/r.json: "):  # no new files in /proc
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(FolderError, match="dangling exists and is not a regular file"):
+        output_file(tmp_path / "dangling", "--json")
+    assert not (tmp_path / "nowhere").exists() and (tmp_path / "dangling").is_symlink()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Linux's /proc takes no new files, even from root")
+def test_a_folder_that_takes_no_new_file_is_refused_before_the_work():
+    with pytest.raises(FolderError, match="^--json: cannot write /proc/r.json: "):
         output_file("/proc/r.json", "--json")
 
 

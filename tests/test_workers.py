@@ -51,10 +51,13 @@ def test_children_run_from_the_root_with_its_code_first_and_the_callers_addition
 def test_pin_takes_taskset_cpu_lists_of_cpus_this_process_may_use(monkeypatch):
     monkeypatch.setattr(workers.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     assert workers.parse_pin(None) is None
-    assert workers.parse_pin("0-3") == "0-3" and workers.parse_pin("1,3") == "1,3" and workers.parse_pin("2") == "2"
+    for good in ("0-3", "1,3", "2", "0-3:2", "0,2-3"):
+        assert workers.parse_pin(good) == good
     with pytest.raises(workers.UsageError, match=r"^--pin 2-4: CPU 4 is not one this process may run on \(0, 1, 2, 3\)$"):
         workers.parse_pin("2-4")
-    for bad in ("", "a", "3-1", "0,,1", "-1", "0-"):
+    with pytest.raises(workers.UsageError, match=r"^--pin 0-6:3: CPU 6 is not one"):
+        workers.parse_pin("0-6:3")
+    for bad in ("", "a", "3-1", "0,,1", "-1", "0-", "0, 1", "0-3:0", "\u0663"):  # taskset takes no spaces, ASCII digits
         with pytest.raises(workers.UsageError, match="^--pin: expected a CPU list"):
             workers.parse_pin(bad)
 
