@@ -26,6 +26,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import math
 import os
 import platform
 import re
@@ -35,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from common.config import AUTO_CHUNK_ROWS, LEVER_MODES, Config, ConfigError
+from common.config import AUTO_CHUNK_ROWS, GEMM_PATHS, LEVER_MODES, Config, ConfigError
 from common.cpuinfo import cpuinfo_field
 from common.launch import allocator_setting
 
@@ -43,7 +44,7 @@ from common.launch import allocator_setting
 # times again and rewrites the cache; fixed takes fixed rules without timing or caching anything (the
 # test suite's tiny runs). GPT2TWIN_LEVERS, when set, replaces an `auto` of the config.
 MODE_ENV = "GPT2TWIN_LEVERS"
-CACHE_DIR = Path(os.environ.get("GPT2TWIN_CACHE_DIR", "~/.cache/gpt2-twin")).expanduser()
+CACHE_DIR = Path(os.environ.get("GPT2TWIN_CACHE_DIR") or "~/.cache/gpt2-twin").expanduser()  # empty: unset
 # The extensions that pick GEMM kernels, in the order a header lists them.
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
 # A probed candidate replaces the framework's own default only when it is this much faster (median of
@@ -210,9 +211,31 @@ def read_cache(path: Path, machine: Machine) -> dict[str, Any]:
         return fresh
     if not isinstance(data, dict) or data.get("version") != CACHE_VERSION or data.get("machine") != machine.describe():
         return fresh
-    data.setdefault("entries", {})
-    data.setdefault("peaks", {})
+    # An entry or peak that is not what a probe writes (a hand-edited or damaged file) is dropped: probed again.
+    entries, peaks = data.get("entries"), data.get("peaks")
+    data["entries"] = {k: e for k, e in entries.items() if _valid_entry(e)} if isinstance(entries, dict) else {}
+    data["peaks"] = {k: p for k, p in peaks.items() if _valid_peak(p)} if isinstance(peaks, dict) else {}
     return data
+
+
+def _is_int(v: Any, low: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+# What a probe can have chosen for each lever.
+_VALID_LEVER = {"loss_chunk_rows": lambda v: _is_int(v, 0), "threads": lambda v: _is_int(v, 1),
+                "gemm": lambda v: v in GEMM_PATHS, "head_gemm": lambda v: v in GEMM_PATHS}
+
+
+def _valid_entry(e: Any) -> bool:
+    levers = e.get("levers") if isinstance(e, dict) else None
+    return isinstance(levers, dict) and all(_VALID_LEVER.get(k, lambda v: False)(v) for k, v in levers.items())
+
+
+def _valid_peak(p: Any) -> bool:
+    return (isinstance(p, dict) and isinstance(p.get("flops"), (int, float)) and not isinstance(p["flops"], bool)
+            and math.isfinite(p["flops"]) and p["flops"] > 0 and isinstance(p.get("how"), str)
+            and isinstance(p.get("probed"), str))
 
 
 def write_cache(path: Path, data: dict[str, Any]) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from common.outdir import hold
 from common.plan import flops_per_token, plan_lines
 from common.records import MetricsLog, format_line
 from common.report import write_run_report
+from common.usage import env_int
 
 
 # With run.log_interval 0 (or larger than this), step metrics are still flushed to records at least
@@ -68,7 +68,7 @@ def ensure_data(cfg: Config, log: Callable[..., None]) -> None:
     from common.prepare import ensure_default_data, is_current
     if is_current(folder):
         return
-    rank = int(os.environ.get("RANK", os.environ.get("JAX_PROCESS_ID", "0")))
+    rank = env_int("RANK", env_int("JAX_PROCESS_ID", 0))
     if rank == 0:
         log(f"preparing the default corpus (Python {sys.version.split()[0]} standard library) into {folder} ...")
         ensure_default_data(str(folder))

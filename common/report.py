@@ -338,6 +338,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             labels = [s.strip() for s in args.labels.split(",")]
             if len(labels) != len(args.runs):
                 raise ReportError(f"--labels: {len(labels)} label(s) for {len(args.runs)} run(s)")
+            if "" in labels:
+                raise ReportError(f"--labels: label {labels.index('') + 1} is empty")
         runs = [load_run(r, lab) for r, lab in zip(args.runs, labels)]
         out = Path(args.out) if args.out else (runs[0].path.parent if len(runs) == 1 else Path("report"))
         for run in runs:

@@ -6,6 +6,7 @@ common/cli.py gathers it with the other input errors.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -33,3 +34,13 @@ def first_line(e: BaseException) -> str:
     """The first line of another library's error message, for quoting it inside a one-line error (torch's
     and safetensors' messages run over several lines)."""
     return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+
+
+def env_int(name: str, default: int) -> int:
+    """An integer environment variable a launcher sets (RANK, JAX_NUM_PROCESSES, ...); UsageError naming it
+    when it is not one, `default` when it is unset or empty."""
+    value = os.environ.get(name, "").strip()
+    try:
+        return int(value) if value else default
+    except ValueError:
+        raise UsageError(f"{name}: expected an integer, got '{value}'") from None

@@ -10,6 +10,10 @@ import os
 import sys
 
 
+# Host devices a CPU run may ask XLA for; XLA takes minutes to create hundreds of thousands.
+MAX_HOST_DEVICES = 1024
+
+
 def _devices_from_argv(argv: list[str]) -> int | None:
     for i, arg in enumerate(argv):
         for flag in ("--devices", "--run.devices"):
@@ -32,7 +36,7 @@ def _force_host_devices() -> None:
     if not (sys.argv and sys.argv[0] in ("-m", "-c") or "jax_impl" in (sys.argv[0] if sys.argv else "")):
         return  # imported by another program (pytest, a notebook): its arguments are not ours
     n = _devices_from_argv(sys.argv[1:])
-    if n and n > 1:
+    if n and 1 < n <= MAX_HOST_DEVICES:  # more: not forced, so the mesh check refuses it instead of XLA hanging
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}").strip()
 
 

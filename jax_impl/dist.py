@@ -21,6 +21,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from common.backend import DistInfo
 from common.config import Config, ConfigError, shard_group_size
 from common.precision import PRECISIONS, Precision, unsupported
+from common.usage import env_int
+from jax_impl import MAX_HOST_DEVICES
 
 DATA_AXIS, FSDP_AXIS = "data", "fsdp"
 # Compiled programs are kept here across runs unless JAX_COMPILATION_CACHE_DIR names another folder, so
@@ -89,7 +91,7 @@ def _launched_multiprocess() -> bool:
     if os.environ.get("JAX_COORDINATOR_ADDRESS"):
         return True
     for var in ("JAX_NUM_PROCESSES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
-        if int(os.environ.get(var, "1") or 1) > 1:
+        if env_int(var, 1) > 1:
             return True
     return False
 
@@ -105,9 +107,9 @@ def _initialize() -> bool:
         return _initialized_here
     kwargs = {}
     if os.environ.get("JAX_NUM_PROCESSES"):
-        kwargs["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
+        kwargs["num_processes"] = env_int("JAX_NUM_PROCESSES", 1)
     if os.environ.get("JAX_PROCESS_ID"):
-        kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
+        kwargs["process_id"] = env_int("JAX_PROCESS_ID", 0)
     jax.distributed.initialize(**kwargs)
     _initialized_here = True
     return True
@@ -131,8 +133,9 @@ def make_mesh(cfg: Config) -> Mesh:
         by_process.setdefault(d.process_index, []).append(d)
     local = len(by_process.get(jax.process_index(), []))
     if n > local:
-        raise ConfigError(f"run.devices is {n} but this process has {local} {devices[0].platform} devices "
-                          f"(on CPU, launch with --devices {n} so XLA creates them before JAX starts)")
+        hint = (f"on CPU, launch with --devices {n} so XLA creates them before JAX starts" if n <= MAX_HOST_DEVICES
+                else f"on CPU, at most {MAX_HOST_DEVICES} host devices")
+        raise ConfigError(f"run.devices is {n} but this process has {local} {devices[0].platform} devices ({hint})")
     chosen = [d for p in sorted(by_process) for d in sorted(by_process[p], key=lambda d: d.id)[:n or None]]
     size = shard_group_size(cfg, len(chosen))
     if len(chosen) % size:

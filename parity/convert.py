@@ -14,11 +14,11 @@ import sys
 from pathlib import Path
 
 from common.backend import load_backend
-from common.checkpoints import CheckpointMeta
+from common.checkpoints import CHECKPOINT_SUBDIR, CheckpointMeta, latest_checkpoint, step_of
 from common.cli import INPUT_ERRORS, Parser
 from common.config import ConfigError
 from common.hf import save_hf_folder
-from common.outdir import hold, make_output_dir
+from common.outdir import LOCK, FolderError, hold, make_output_dir
 from common.portable import BACKENDS, Portable, read_portable
 
 
@@ -46,9 +46,24 @@ def convert(src: str | Path, dst: str | Path, target: str) -> tuple[Portable, Pa
     """Read `src` and write it as `target` at `dst`, a run folder held under its lock as a training run holds
     it (common/outdir.py): (what was read, the folder written)."""
     portable = read_portable(src, moments=target != "hf")  # first: a source refused leaves no DST behind
+    check_destination(dst, target)
     make_output_dir(dst, "DST")
     with hold(dst, "DST") if target != "hf" else contextlib.nullcontext():
+        check_destination(dst, target)  # again under the lock: a run may have saved into it meanwhile
         return portable, write_portable(portable, dst, target)
+
+
+def check_destination(dst: str | Path, target: str) -> None:
+    """Refuse a DST whose contents the conversion would overwrite or mix with: a run folder that holds
+    checkpoints (SRC's own included), or for --to hf any folder with files in it."""
+    dst = Path(dst)
+    if target == "hf":
+        if dst.is_dir() and any(p.name != LOCK for p in dst.iterdir()):
+            raise FolderError(f"DST: {dst} is not empty; the Hugging Face files go into a new folder")
+    elif step_of(dst) is not None or dst.name == CHECKPOINT_SUBDIR:
+        raise FolderError(f"DST: {dst} is a checkpoint's own folder; give a run folder")
+    elif dst.is_dir() and (latest := latest_checkpoint(dst)) is not None:
+        raise FolderError(f"DST: {dst} already holds checkpoints (newest: {latest.name}); give a new run folder")
 
 
 def main(argv: list[str] | None = None) -> int:

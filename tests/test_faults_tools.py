@@ -83,6 +83,8 @@ CASES = [
     Case("report-torn-metrics", "common.report", args("{torn_metrics}"), named("{torn_metrics}/metrics.jsonl:3: invalid")),
     Case("report-missing-run", "common.report", args("{tmp}/none"), named("{tmp}/none: no such run folder")),
     Case("report-labels", "common.report", args("{torch_run}", "--labels", "a,b"), "--labels: 2 label(s) for 1 run(s)"),
+    Case("report-empty-label", "common.report", args("{torch_run}", "{torch_run}", "--labels", "a, ", "--out", "{tmp}/r"),
+         "--labels: label 2 is empty"),
     Case("report-wrong-type", "common.report", args("{torch_run}", "--target", "low"), "argument --target"),
     Case("report-infinite-target", "common.report", args("{torch_run}", "--out", "{tmp}/o", "--target", "inf"),
          "--target must be a finite val loss, got inf"),

@@ -2,12 +2,20 @@
 naming it, exit code 2, no traceback, and no existing checkpoint or record changed (tests/faults.py)."""
 from __future__ import annotations
 
+import os
+from unittest import mock
+
 import pytest
 
 from common.outdir import hold
 from faults import Case, check_case
 
 OTHER = {"torch": "jax", "jax": "torch"}
+
+
+def environment(**variables: str):
+    """A launcher's environment variables, set while the case runs."""
+    return mock.patch.dict(os.environ, variables)
 
 
 def trainer_cases(b: str) -> list[Case]:
@@ -82,13 +90,18 @@ def trainer_cases(b: str) -> list[Case]:
         cases += [Case("torch-resume-garbled", module, resume("torch_garbled"), "model.safetensors: sha256"),
                   Case("torch-resume-truncated", module, resume("torch_truncated"), "train_state.pt: sha256"),
                   Case("torch-resume-legacy-truncated", module, resume("torch_legacy_truncated"),
-                       "train_state.pt: cannot read optimizer state")]
+                       "train_state.pt: cannot read optimizer state"),
+                  Case("torch-launcher-rank-not-a-number", module, fresh(), "RANK: expected an integer, got 'abc'",
+                       during=lambda w, tmp: environment(RANK="abc", WORLD_SIZE="1", LOCAL_RANK="0"))]
     else:
         cases += [Case("jax-resume-garbled", module, resume("jax_garbled"),
                        lambda w, tmp: f"{w['jax_garbled_file']}: sha256"),
                   Case("jax-resume-missing-file", module, resume("jax_missing"),
                        lambda w, tmp: f"{w['jax_missing_file']}: checkpoint file unreadable"),
-                  Case("jax-negative-devices", module, fresh("--devices", -1), "--devices must be ≥ 0")]
+                  Case("jax-negative-devices", module, fresh("--devices", -1), "--devices must be ≥ 0"),
+                  Case("jax-launcher-process-count-not-a-number", module, fresh(),
+                       "JAX_NUM_PROCESSES: expected an integer, got 'two'",
+                       during=lambda w, tmp: environment(JAX_NUM_PROCESSES="two"))]
     return cases
 
 

@@ -136,6 +136,23 @@ def test_a_cache_of_another_machine_or_version_or_corrupt_is_ignored(tmp_path):
     assert resolve(cfg_with(), FakeProbe(), tmp_path).choices["loss_chunk_rows"].source == "probe"
 
 
+def test_cache_entries_and_peaks_no_probe_could_have_written_are_dropped(tmp_path):
+    path = levers.cache_path("torch", MACHINE, tmp_path)
+    good = {"levers": {"gemm": "onednn", "head_gemm": "aten", "loss_chunk_rows": 256, "threads": 2}}
+    peak = {"flops": 2e11, "how": "fp32 GEMM peak", "probed": "2026-11-29"}
+    bad = [{"levers": {"threads": 0}}, {"levers": {"threads": "x"}}, {"levers": {"loss_chunk_rows": -7}},
+           {"levers": {"gemm": "bogus"}}, {"levers": {"loss_chunk_rows": True}}, {"levers": []}, "entry"]
+    entries = {"good": good, **{f"bad{i}": e for i, e in enumerate(bad)}}
+    peaks = {"fp32": peak, "bf16": {"flops": "abc"}, "fp64": {"flops": float("inf"), "how": "", "probed": ""}}
+    path.write_text(json.dumps({"version": levers.CACHE_VERSION, "machine": MACHINE.describe(), "entries": entries,
+                                "peaks": peaks}))
+    data = levers.read_cache(path, MACHINE)
+    assert data["entries"] == {"good": good} and data["peaks"] == {"fp32": peak}
+    path.write_text(json.dumps({"version": levers.CACHE_VERSION, "machine": MACHINE.describe(), "entries": [],
+                                "peaks": []}))
+    assert levers.read_cache(path, MACHINE)["entries"] == {} == levers.read_cache(path, MACHINE)["peaks"]
+
+
 def test_gpu_peaks_come_from_the_datasheet_by_name():
     assert datasheet_peak("NVIDIA H200", "bf16")[0] == 989.4e12
     assert datasheet_peak("NVIDIA H100 PCIe", "bf16")[0] == 756e12  # not the SXM part's figure

@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from common.backend import DistInfo
 from common.config import Config, ConfigError, shard_group_size
 from common.precision import PRECISIONS, Precision, unsupported
+from common.usage import env_int
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -72,9 +73,9 @@ def setup_distributed(cfg: Config) -> DistInfo:
     set the precision flags."""
     dtypes(cfg.run.dtype)  # refuse an unsupported run.dtype before anything starts
     launched = all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-    rank = int(os.environ["RANK"]) if launched else 0
-    world = int(os.environ["WORLD_SIZE"]) if launched else 1
-    local_rank = int(os.environ["LOCAL_RANK"]) if launched else 0
+    rank = env_int("RANK", 0) if launched else 0
+    world = env_int("WORLD_SIZE", 1) if launched else 1
+    local_rank = env_int("LOCAL_RANK", 0) if launched else 0
     device = pick_device(cfg.run.device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
