@@ -224,7 +224,7 @@ def _is_int(v: Any, low: int) -> bool:
 
 # What a probe can have chosen for each lever.
 _VALID_LEVER = {"loss_chunk_rows": lambda v: _is_int(v, 0), "threads": lambda v: _is_int(v, 1),
-                "gemm": lambda v: v in GEMM_PATHS, "head_gemm": lambda v: v in GEMM_PATHS}
+                "gemm": lambda v: v in GEMM_PATHS[1:], "head_gemm": lambda v: v in GEMM_PATHS[1:]}  # not "auto"
 
 
 def _valid_entry(e: Any) -> bool:

@@ -168,10 +168,10 @@ def _resume_folder(backend: Backend, out_dir: Path, resume: str) -> Path:
     if (saved_by := read_meta(folder).backend) != backend.name:
         raise CheckpointError(f"{folder}: a {saved_by} checkpoint; `python -m parity.convert {folder} DST --to "
                               f"{backend.name}` makes a {backend.name} one to resume from")
-    own_run = folder.parent.parent  # run/checkpoints/step_N
+    own_run = folder.absolute().parent.parent  # run/checkpoints/step_N
     if resume != "latest" and own_run.resolve() != out_dir.resolve() and (other := latest_checkpoint(out_dir)):
-        raise CheckpointError(f"{out_dir} already holds another run's checkpoints (newest: {other.name}); resume "
-                              f"{folder} into a new run.out_dir")
+        raise CheckpointError(f"run.out_dir {out_dir} already holds another run's checkpoints (newest: {other.name}); "
+                              f"--resume alone continues that run, or give a new run.out_dir for {folder}")
     return folder
 
 

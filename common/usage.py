@@ -36,11 +36,14 @@ def first_line(e: BaseException) -> str:
     return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
 
 
-def env_int(name: str, default: int) -> int:
+def env_int(name: str, default: int | None) -> int:
     """An integer environment variable a launcher sets (RANK, JAX_NUM_PROCESSES, ...); UsageError naming it
-    when it is not one, `default` when it is unset or empty."""
+    when it is not one. Unset or empty gives `default`, or is refused when there is none (a variable the
+    launch depends on)."""
     value = os.environ.get(name, "").strip()
     try:
-        return int(value) if value else default
+        if value or default is None:
+            return int(value)
+        return default
     except ValueError:
         raise UsageError(f"{name}: expected an integer, got '{value}'") from None

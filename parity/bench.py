@@ -33,6 +33,7 @@ from common.config import PARALLELISMS, ConfigError
 from common.loop import INPUT_ERRORS, ensure_data
 from common.outdir import output_file, write_output
 from common.usage import ExitingParser
+from jax_impl import MAX_HOST_DEVICES
 from parity.bench_suite import SUITE_DTYPES, SUITE_ROWS, run_suite, suite_options, suite_text
 
 SUITE_ONLY = ("rows", "dtypes", "no_pin", "pin_rounds", "compile_time", "profile")
@@ -89,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         for flag in ("json", "plot"):  # checked before the work whose result they hold
             if getattr(args, flag) is not None:
                 output_file(getattr(args, flag), f"--{flag}")
-        if args.devices is not None and (args.parallel is None or args.devices < 1):
-            raise ConfigError("--devices needs --parallel and must be ≥ 1")
+        if args.devices is not None and (args.parallel is None or not 1 <= args.devices <= MAX_HOST_DEVICES):
+            raise ConfigError(f"--devices needs --parallel and must be in [1, {MAX_HOST_DEVICES}]")
         if args.parallel and (args.suite or args.vs_plain):
             raise ConfigError(f"--parallel does not apply to {'--suite' if args.suite else '--vs-plain'}")
         if args.suite:

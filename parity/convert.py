@@ -31,7 +31,7 @@ def get_backend(name: str):
 
 def write_portable(p: Portable, dst: str | Path, target: str) -> Path:
     """Write `p` as a checkpoint of `target` under run folder `dst` (or as a HF folder at `dst`)."""
-    dst = Path(dst)
+    dst = Path(dst).resolve()  # a link or `..` must not hide a checkpoint's folder
     if target == "hf":
         return save_hf_folder(dst, p.config.model, p.weights)
     backend = get_backend(target)
@@ -60,7 +60,7 @@ def check_destination(dst: str | Path, target: str) -> None:
     if target == "hf":
         if dst.is_dir() and any(p.name != LOCK for p in dst.iterdir()):
             raise FolderError(f"DST: {dst} is not empty; the Hugging Face files go into a new folder")
-    elif step_of(dst) is not None or dst.name == CHECKPOINT_SUBDIR:
+    elif any(step_of(p) is not None or p.name == CHECKPOINT_SUBDIR for p in (dst, *dst.parents)):
         raise FolderError(f"DST: {dst} is a checkpoint's own folder; give a run folder")
     elif dst.is_dir() and (latest := latest_checkpoint(dst)) is not None:
         raise FolderError(f"DST: {dst} already holds checkpoints (newest: {latest.name}); give a new run folder")

@@ -3,6 +3,7 @@ naming it, exit code 2, no traceback, and no existing checkpoint or record chang
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -65,7 +66,8 @@ def trainer_cases(b: str) -> list[Case]:
         Case(f"{b}-resume-wrong-shape", module, resume(f"{b}_run", model__n_embd=64), "model.n_embd = 32"),
         Case(f"{b}-resume-into-another-run", module,
              lambda w, tmp: w.train_argv(b, w[f"{b}_garbled"]) + ["--resume", str(w[f"{b}_run"])],
-             lambda w, tmp: f"{w[f'{b}_garbled']} already holds another run's checkpoints (newest: step_00000002)"),
+             lambda w, tmp: f"run.out_dir {w[f'{b}_garbled']} already holds another run's checkpoints (newest: "
+                            f"step_00000002); --resume alone continues that run"),
         Case(f"{b}-resume-wrong-shape-into-a-new-folder", module,
              lambda w, tmp: fresh("--resume", w[f"{b}_run"], model__n_embd=64)(w, tmp), "model.n_embd = 32"),
         Case(f"{b}-resume-other-batch", module, resume(f"{b}_run", optim__total_batch_size=128),
@@ -102,6 +104,7 @@ def trainer_cases(b: str) -> list[Case]:
                   Case("jax-resume-missing-file", module, resume("jax_missing"),
                        lambda w, tmp: f"{w['jax_missing_file']}: checkpoint file unreadable"),
                   Case("jax-negative-devices", module, fresh("--devices", -1), "--devices must be ≥ 0"),
+                  Case("jax-devices-past-the-host-cap", module, fresh("--devices", 2000), "at most 1024 host devices"),
                   Case("jax-launcher-process-count-not-a-number", module, fresh(),
                        "JAX_NUM_PROCESSES: expected an integer, got 'two'",
                        during=lambda w, tmp: environment(JAX_NUM_PROCESSES="two"))]
@@ -122,3 +125,21 @@ def test_the_trainer_table_covers_both_backends_alike():
     shared = {i.split("-", 1)[1] for i in ids if i.startswith("torch-")} & {i.split("-", 1)[1] for i in ids
                                                                            if i.startswith("jax-")}
     assert len(shared) >= 28
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_a_checkpoint_of_the_run_itself_resumes_however_it_is_named(backend, fault_world, monkeypatch):
+    """An older step folder of run.out_dir's own run (a roll-back), named relative or through its run folder."""
+    from types import SimpleNamespace
+
+    from common.checkpoints import complete_checkpoints
+    from common.loop import _resume_folder
+
+    run = fault_world[f"{backend}_run"]
+    steps = complete_checkpoints(run)
+    me = SimpleNamespace(name=backend)
+    monkeypatch.chdir(run / "checkpoints")
+    assert _resume_folder(me, Path(".."), steps[0].name).resolve() == steps[0].resolve()
+    monkeypatch.chdir(run.parent)
+    assert _resume_folder(me, Path(run.name), f"{run.name}/checkpoints").resolve() == steps[-1].resolve()
+    assert _resume_folder(me, run, "latest") == steps[-1]

@@ -64,7 +64,8 @@ def test_plan_cli_prints_both_columns_and_what_fits(capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--devices", "2"], "--devices needs --parallel"),
-    (["--parallel", "fsdp", "--devices", "0"], "--devices needs --parallel and must be ≥ 1"),
+    (["--parallel", "fsdp", "--devices", "0"], "--devices needs --parallel and must be in [1, 1024]"),
+    (["--parallel", "fsdp", "--devices", "100000"], "must be in [1, 1024]"),
     (["--parallel", "fsdp", "--suite"], "--parallel does not apply to --suite"),
     (["--parallel", "fsdp", "--vs-plain"], "--parallel does not apply to --vs-plain"),
 ])

@@ -73,9 +73,9 @@ def setup_distributed(cfg: Config) -> DistInfo:
     set the precision flags."""
     dtypes(cfg.run.dtype)  # refuse an unsupported run.dtype before anything starts
     launched = all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-    rank = env_int("RANK", 0) if launched else 0
-    world = env_int("WORLD_SIZE", 1) if launched else 1
-    local_rank = env_int("LOCAL_RANK", 0) if launched else 0
+    rank = env_int("RANK", None) if launched else 0  # set by torchrun: each one is needed
+    world = env_int("WORLD_SIZE", None) if launched else 1
+    local_rank = env_int("LOCAL_RANK", None) if launched else 0
     device = pick_device(cfg.run.device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
