@@ -141,7 +141,8 @@ def test_cache_entries_and_peaks_no_probe_could_have_written_are_dropped(tmp_pat
     good = {"levers": {"gemm": "onednn", "head_gemm": "aten", "loss_chunk_rows": 256, "threads": 2}}
     peak = {"flops": 2e11, "how": "fp32 GEMM peak", "probed": "2026-11-29"}
     bad = [{"levers": {"threads": 0}}, {"levers": {"threads": "x"}}, {"levers": {"loss_chunk_rows": -7}},
-           {"levers": {"gemm": "bogus"}}, {"levers": {"loss_chunk_rows": True}}, {"levers": []}, "entry"]
+           {"levers": {"gemm": "bogus"}}, {"levers": {"gemm": "auto"}}, {"levers": {"loss_chunk_rows": True}},
+           {"levers": []}, "entry"]
     entries = {"good": good, **{f"bad{i}": e for i, e in enumerate(bad)}}
     peaks = {"fp32": peak, "bf16": {"flops": "abc"}, "fp64": {"flops": float("inf"), "how": "", "probed": ""}}
     path.write_text(json.dumps({"version": levers.CACHE_VERSION, "machine": MACHINE.describe(), "entries": entries,
@@ -151,6 +152,19 @@ def test_cache_entries_and_peaks_no_probe_could_have_written_are_dropped(tmp_pat
     path.write_text(json.dumps({"version": levers.CACHE_VERSION, "machine": MACHINE.describe(), "entries": [],
                                 "peaks": []}))
     assert levers.read_cache(path, MACHINE)["entries"] == {} == levers.read_cache(path, MACHINE)["peaks"]
+
+
+def test_an_empty_cache_dir_variable_means_the_default_not_the_working_folder(tmp_path):
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    code = "from common import levers; print(levers.CACHE_DIR)"
+    for value, expected in (("", str(levers.Path("~/.cache/gpt2-twin").expanduser())), (str(tmp_path), str(tmp_path))):
+        done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                              env={**levers.os.environ, "GPT2TWIN_CACHE_DIR": value})
+        assert done.stdout.strip() == expected
 
 
 def test_gpu_peaks_come_from_the_datasheet_by_name():
