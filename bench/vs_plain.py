@@ -5,7 +5,7 @@ bench.pairwise workers in the same interleaved rounds, from the same weights, on
 under the same allocator settings. A backend's speed-up is the median over rounds of its tokens/s over
 its plain baseline's in the same round, with the spread (smallest and largest) of those ratios: an
 optimisation that does not beat the plain step on the machine at hand buys nothing there. First steps
-are cold: an empty JAX compilation cache and an empty inductor cache for every worker.
+are cold: an empty JAX compilation cache and an empty inductor cache for the bench run.
 """
 from __future__ import annotations
 

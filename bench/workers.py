@@ -25,6 +25,7 @@ from typing import Any, Iterator, Mapping, Sequence, TextIO
 # The Makefile's allocator settings. Every worker of a comparison must run under the same ones, so a parent
 # started without them hands this value to each child (allocator_env).
 from common.launch import GLIBC_TUNABLES as MAKEFILE_TUNABLES
+from common.levers import usable_cpu_ids
 from common.usage import UsageError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,11 +76,6 @@ def parse_pin(text: str | None, flag: str = "--pin") -> str | None:
         raise UsageError(f"{flag} {text}: CPU {missing[0]} is not one this process may run on "
                          f"({', '.join(map(str, sorted(allowed)))})")
     return text
-
-
-def usable_cpu_ids() -> set[int] | None:
-    """The CPUs this process may run on, where the OS says (Linux); None elsewhere."""
-    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
 
 
 def module_command(module: str, args: Sequence[Any] = (), pin: str | None = None,

@@ -18,7 +18,7 @@ from common.bpb import bits_per_byte, perplexity, utf8_bytes_of_targets
 from common.cli import INPUT_ERRORS, Parser, UsageError
 from common.data import DataError, val_batches
 from common.hellaswag import evaluate_hellaswag
-from common.outdir import output_file
+from common.outdir import output_file, write_output
 from common.portable import Portable
 from common.precision import dtypes_for
 from common.sampling import DEVICES
@@ -119,7 +119,7 @@ def score(args: argparse.Namespace, losses_fn: LossesFn, portable: Portable, bac
         result["hellaswag"] = {"path": str(args.hellaswag), **hs}
         log(f"hellaswag: {hs['n']} examples | acc {hs['acc']:.4f} | acc_norm {hs['acc_norm']:.4f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1, allow_nan=True) + "\n")
+        write_output(args.json, json.dumps(result, indent=1, allow_nan=True) + "\n")
     return result
 
 

@@ -40,7 +40,7 @@ def config_from_hf(hf: dict, source: str, padded_vocab_size: int | None = None) 
     act = hf.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
         raise HFError(f"{source}: activation_function {act!r} is not GPT-2's tanh GELU")
-    if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
+    if hf.get("n_inner") not in (None, 4 * sizes["n_embd"]):
         raise HFError(f"{source}: n_inner {hf['n_inner']} is not 4 × n_embd")
     eps = hf.get("layer_norm_epsilon", 1e-5)
     if not isinstance(eps, (int, float)) or abs(eps - 1e-5) > 1e-12:

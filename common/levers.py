@@ -75,9 +75,15 @@ class Machine:
         return f"{self.cpu} ({', '.join(self.isa) or 'no AVX2'}; {self.cpus} usable CPUs)"
 
 
+def usable_cpu_ids() -> set[int] | None:
+    """The CPUs this process may run on (taskset narrows them), where the OS says (Linux); None elsewhere."""
+    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+
+
 def usable_cpus() -> int:
-    """The CPUs this process may run on (taskset narrows them)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """How many CPUs this process may run on."""
+    ids = usable_cpu_ids()
+    return len(ids) if ids is not None else (os.cpu_count() or 1)
 
 
 def this_machine() -> Machine:
@@ -222,9 +228,10 @@ def _is_int(v: Any, low: int) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= low
 
 
+_CHOSEN_GEMMS = set(GEMM_PATHS) - {"auto"}
 # What a probe can have chosen for each lever.
 _VALID_LEVER = {"loss_chunk_rows": lambda v: _is_int(v, 0), "threads": lambda v: _is_int(v, 1),
-                "gemm": lambda v: v in GEMM_PATHS[1:], "head_gemm": lambda v: v in GEMM_PATHS[1:]}  # not "auto"
+                "gemm": lambda v: v in _CHOSEN_GEMMS, "head_gemm": lambda v: v in _CHOSEN_GEMMS}
 
 
 def _valid_entry(e: Any) -> bool:
@@ -308,7 +315,7 @@ def resolve(backend: str, cfg: Config, *, explicit: Mapping[str, Choice], fixed:
         with _locked(path):
             data = read_cache(path, machine)
             hit = data["entries"].get(entry) if mode == "auto" else None
-            if wanted and not (hit and all(name in hit.get("levers", {}) for name in defaults)):
+            if wanted and not (hit and all(name in hit["levers"] for name in defaults)):
                 log(f"probing the {backend} levers for {entry} on {machine.describe()} (once per machine; "
                     f"--run.levers probe times them again) ...")
                 values, timings = probe()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from common.config import Config, ConfigError
+from common.usage import first_line
 
 TENSORBOARD_SUBDIR = "tensorboard"
 
@@ -82,8 +83,7 @@ class WandbSink:
             self.run = wandb.init(project=cfg.run.wandb_project, dir=str(out_dir), config=cfg.to_dict(),
                                   name="-".join(Path(out_dir).resolve().parts[-2:]), tags=[backend])
         except Exception as e:  # wandb raises its own types (no API key, no network, bad project)
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ConfigError(f"run.wandb: cannot start a W&B run ({first}); WANDB_MODE=offline logs "
+            raise ConfigError(f"run.wandb: cannot start a W&B run ({first_line(e)}); WANDB_MODE=offline logs "
                               f"locally") from None
 
     def log(self, record: dict[str, Any]) -> None:

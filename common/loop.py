@@ -162,9 +162,12 @@ def train(backend: Backend, cfg: Config, resume: str | None = None, log: Callabl
 def _resume_folder(backend: Backend, out_dir: Path, resume: str) -> Path:
     """The checkpoint step folder `resume` names ("latest": the newest in out_dir), refused when there is
     none or another backend saved it."""
-    if resume == "latest" and latest_checkpoint(out_dir) is None:
-        raise CheckpointError(f"{out_dir}: no checkpoint to resume from")
-    folder = resolve(out_dir if resume == "latest" else Path(resume))
+    if resume == "latest":
+        folder = latest_checkpoint(out_dir)
+        if folder is None:
+            raise CheckpointError(f"{out_dir}: no checkpoint to resume from")
+    else:
+        folder = resolve(Path(resume))
     if (saved_by := read_meta(folder).backend) != backend.name:
         raise CheckpointError(f"{folder}: a {saved_by} checkpoint; `python -m parity.convert {folder} DST --to "
                               f"{backend.name}` makes a {backend.name} one to resume from")

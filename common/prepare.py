@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from common.cli import INPUT_ERRORS, Parser
 from common.outdir import make_output_dir
-from common.shards import MAGIC, VERSION, ShardError, write_shard
+from common.shards import MAGIC, MAX_SHARD_TOKENS, VERSION, ShardError, write_shard
 from common.sources import (Document, PrepareError, describe, hf_documents, input_documents, read_document,
                             stdlib_documents, undecodable_warning)
 from common.tokenizer import EOT, VOCAB_SIZE, get_tokenizer
@@ -40,7 +40,6 @@ DEFAULT_FOLDER = "data/stdlib"
 DEFAULT_SHARD_SIZE = 100_000_000
 DEFAULT_VAL_TOKENS = 100_000_000  # build-nanogpt's first shard
 DEFAULT_SEED = 1337
-MAX_SHARD_TOKENS = int(np.iinfo(np.int32).max)  # the token count of a shard header (common/shards.py)
 STDLIB_VAL_TOKENS = 262_144  # the stdlib is ~15M tokens: a 100M val shard would leave nothing to train on
 CHUNK_CHARS = 1 << 20  # per worker task: big enough to amortise IPC, small enough to balance 2+ workers
 # How the splits were chosen, in the manifest's "split"; a manifest without one was made when val was the

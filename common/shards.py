@@ -21,6 +21,7 @@ from common.usage import first_line
 MAGIC = 20240520
 VERSION = 1
 HEADER_INTS = 256
+MAX_SHARD_TOKENS = int(np.iinfo(np.int32).max)  # the header's token count is one int32
 HEADER_BYTES = HEADER_INTS * 4
 TOKEN_DTYPE = np.dtype("<u2")
 DEFAULT_VOCAB = 50257  # assumed for shards that do not record it (llm.c, build-nanogpt .npy)

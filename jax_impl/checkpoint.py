@@ -27,6 +27,7 @@ from common.checkpoints import (CHECKPOINT_SUBDIR, CheckpointError, CheckpointMe
                                 retained_steps, step_dir_name, write_meta)
 from common.config import Config
 from common.precision import PRECISIONS
+from common.usage import first_line
 from jax_impl import dist
 from jax_impl.model import abstract_params, to_common
 from jax_impl.optim import build_optimizer
@@ -168,6 +169,5 @@ def _restore(path: Path, abstract: dict[str, Any]) -> dict[str, Any]:
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
             restored = ckptr.restore(path.resolve(), args=ocp.args.Composite(**args))
     except Exception as e:  # orbax/tensorstore raise many types for missing or corrupt files
-        first = (str(e).splitlines() or [""])[0][:300]
-        raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {first})") from None
+        raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {first_line(e)[:300]})") from None
     return {name: restored[name] for name in abstract}

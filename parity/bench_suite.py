@@ -21,9 +21,10 @@ from typing import Any, Callable, Sequence
 from bench import pairwise
 from bench.pairwise import bench, bench_config
 from bench.trainee import BACKENDS
-from bench.workers import allocator_env, parse_pin, usable_cpu_ids
+from bench.workers import allocator_env
 from common.config import Config, ConfigError, dump_toml
 from common.cpuinfo import cpuinfo_field
+from common.levers import usable_cpu_ids, usable_cpus
 from common.loop import ensure_data
 from common.outdir import write_output
 from parity.probe import measure_peaks
@@ -183,7 +184,7 @@ def suite_header(probe: dict[str, Any], pinned_probe: dict[str, Any] | None, env
     if pinned_probe is not None:
         peaks += f"; pinned to CPU {pinned_probe['pin']}: {_peaks_text(pinned_probe)}"
     return [f"machine: {platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs, "
-            f"{len(os.sched_getaffinity(0))} usable); CPU: {cpuinfo_field('model name') or platform.processor() or 'unknown'}",
+            f"{usable_cpus()} usable); CPU: {cpuinfo_field('model name') or platform.processor() or 'unknown'}",
             f"threads per process (framework defaults): {threads}; {versions}, Python {platform.python_version()}",
             peaks + "; MFU = FLOPs/token (common.plan) × tok/s ÷ the peak of the row's dtype",
             f"allocator: {env_note}",
@@ -285,7 +286,7 @@ def suite_options(args: argparse.Namespace, overrides: Sequence[str], backends: 
                         rows=parse_choices(args.rows or ",".join(SUITE_ROWS), "--rows", tuple(SUITE_ROWS)),
                         dtypes=parse_choices(args.dtypes or ",".join(SUITE_DTYPES), "--dtypes", SUITE_DTYPES),
                         backends=backends, rounds=args.rounds, steps=args.steps, warmup=args.warmup,
-                        pin=None if args.no_pin else parse_pin(args.pin) or str(min(usable_cpu_ids() or {0})),
+                        pin=None if args.no_pin else args.pin or str(min(usable_cpu_ids() or {0})),
                         pin_rounds=args.pin_rounds,
                         compile_time=args.compile_time, profile=args.profile)
 

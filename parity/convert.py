@@ -31,7 +31,7 @@ def get_backend(name: str):
 
 def write_portable(p: Portable, dst: str | Path, target: str) -> Path:
     """Write `p` as a checkpoint of `target` under run folder `dst` (or as a HF folder at `dst`)."""
-    dst = Path(dst).resolve()  # a link or `..` must not hide a checkpoint's folder
+    dst = Path(dst)
     if target == "hf":
         return save_hf_folder(dst, p.config.model, p.weights)
     backend = get_backend(target)
@@ -56,7 +56,7 @@ def convert(src: str | Path, dst: str | Path, target: str) -> tuple[Portable, Pa
 def check_destination(dst: str | Path, target: str) -> None:
     """Refuse a DST whose contents the conversion would overwrite or mix with: a run folder that holds
     checkpoints (SRC's own included), or for --to hf any folder with files in it."""
-    dst = Path(dst)
+    dst = Path(dst).resolve()  # a link or `..` must not hide a checkpoint's folder
     if target == "hf":
         if dst.is_dir() and any(p.name != LOCK for p in dst.iterdir()):
             raise FolderError(f"DST: {dst} is not empty; the Hugging Face files go into a new folder")

@@ -149,7 +149,6 @@ def run_one(name: str, opts: Options, work: Path) -> int:
 
 def run_all(opts: Options, only: Sequence[str], command: str) -> int:
     start = time.time()
-    opts.out.mkdir(parents=True, exist_ok=True)
     if only == SECTIONS:  # a new report: no logs or training runs of an earlier one beside it
         for stale in ("logs", "train"):
             shutil.rmtree(opts.out / stale, ignore_errors=True)

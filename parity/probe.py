@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from bench import workers
 from common.benchtiming import MIN_REPEATS, REPEATS, time_gemm
+from common.levers import usable_cpus
 from common.outdir import FolderError, output_file, write_output
 from common.usage import ExitingParser, UsageError
 
@@ -67,7 +67,7 @@ def jax_cases(sizes: Sequence[int]) -> tuple[list[tuple[str, str, int, Callable[
             y = jax.random.normal(ky, (n, n), dt)
             cases.append(("xla", dname, n, lambda x=x, y=y: matmul(x, y).block_until_ready()))
     # XLA's CPU client sizes its pool from the CPUs this process may run on.
-    info = {"threads": len(os.sched_getaffinity(0)), "version": jax.__version__}
+    info = {"threads": usable_cpus(), "version": jax.__version__}
     return cases, info
 
 

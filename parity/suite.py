@@ -75,7 +75,7 @@ def check_replicas(cfg: Config, tol: Tolerances, steps: int = 3,
                                    run=dataclasses.replace(base.run, parallel=parallel, fsdp_size=0))
 
     py = [sys.executable]
-    one = {"torch": (base, py, []), "jax": (base, py, ["--devices", "1"])}
+    one = {"torch": [], "jax": ["--devices", "1"]}  # extra flags of the one-replica reference
     pair = {"torch": (py + ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], []),
             "jax": (py, ["--devices", "2"])}
     lines: dict[str, list[str]] = {p: [] for p in parallels}
@@ -84,8 +84,7 @@ def check_replicas(cfg: Config, tol: Tolerances, steps: int = 3,
     with tempfile.TemporaryDirectory(prefix="parity-replicas-") as tmp:
         for backend in ("torch", "jax"):
             module = f"{backend}_impl.train"
-            c, launcher, extra = one[backend]
-            _train_cli(module, c, Path(tmp) / f"{backend}-1", launcher, extra)
+            _train_cli(module, base, Path(tmp) / f"{backend}-1", py, one[backend])
             reference = read_portable(Path(tmp) / f"{backend}-1" / "run").weights
             for parallel in parallels:
                 out = Path(tmp) / f"{backend}-2-{parallel}"

@@ -2,6 +2,7 @@
 one error line naming it, exit code 2, no traceback, nothing of the world changed (tests/faults.py)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -93,6 +94,10 @@ CONVERT_CASES = [
          named("DST: {torch_run} already holds checkpoints")),
     Case("convert-hf-into-a-checkpoint", "parity.convert",
          convert("{torch_run}", "{torch_run}/checkpoints/step_00000002", "--to", "hf"), "is not empty"),
+    Case("convert-through-a-link-to-a-step-folder", "parity.convert", convert("{jax_run}", "{tmp}/link", "--to", "torch"),
+         "a checkpoint's own folder",
+         during=lambda w, tmp: (tmp / "link").symlink_to(w["torch_run"] / "checkpoints" / "step_00000002")
+         or contextlib.nullcontext()),
     Case("convert-into-a-step-folder", "parity.convert",
          convert("{jax_run}", "{torch_run}/checkpoints/step_00000002", "--to", "torch"), "a checkpoint's own folder"),
     Case("convert-untied-hf", "parity.convert", convert("{hf_untied}", "{tmp}/x", "--to", "torch"),

@@ -220,7 +220,7 @@ def sum_over_shards(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def whole_rows(pieces: list[torch.Tensor], like: list[torch.Tensor]) -> list[torch.Tensor]:
     """One value per row of each whole tensor in `like`, from `pieces`, one value per row of this rank's shard
-    (float64), with one all-gather over the shard group; `pieces` itself when not sharded.
+    (gathered in float64), with one all-gather over the shard group; `pieces` itself when not sharded.
 
     FSDP2 shards the first dimension in chunks of ceil(rows / ranks), in rank order, so padding each
     piece to its chunk and reading the gathered chunks rank by rank gives the rows in order.

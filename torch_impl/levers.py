@@ -50,7 +50,7 @@ def choose(cfg: Config, device: torch.device, log: Callable[[str], None] = print
         explicit = {n: c for n, c in explicit.items() if n not in ("gemm", "head_gemm")}  # run.cpu_gemm: CPUs only
         result = Levers("torch", {n: {**fixed, **explicit}[n] for n in NAMES})
         result.peak_flops, result.peak_source = accelerator_peak(cfg, device)
-        torch.set_num_threads(int(result.value("threads")))  # host-side ops still run on the CPU pool
+        apply(result)  # run.threads: host-side ops still run on the CPU pool (cuBLAS is not a CPU GEMM to set)
         return result
     defaults = {"gemm": Choice("aten", "fixed"), "head_gemm": Choice("aten", "fixed"),
                 "loss_chunk_rows": Choice(FIXED_CHUNK_ROWS, "fixed"), "threads": Choice(torch.get_num_threads(), "fixed")}
