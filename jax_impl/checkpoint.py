@@ -29,7 +29,7 @@ from common.config import Config
 from common.precision import PRECISIONS
 from common.usage import first_line
 from jax_impl import dist
-from jax_impl.model import abstract_params, to_common
+from jax_impl.model import LAYERS, abstract_params, flatten, stacked, to_common, unflatten, unstacked
 from jax_impl.optim import build_optimizer
 
 ITEMS = ("params", "opt_state", "rng")
@@ -77,7 +77,10 @@ def load_checkpoint(folder: str | os.PathLike, state: Any) -> Any:
     """A complete checkpoint folder restored with the shapes, dtypes and shardings of `state` (a TrainState of
     the same config; its values are not used, so Runtime.abstract_state() serves)."""
     folder = Path(folder)
-    items = _restore(folder, {"params": state.params, "opt_state": state.opt_state, "rng": {"key": state.rng}})
+    like = {"params": state.params, "opt_state": state.opt_state, "rng": {"key": state.rng}}
+    # A checkpoint of the blocks per layer comes back as stacked numpy arrays, laid out here as `state`'s.
+    items = jax.tree.map(lambda a, s: dist.place(a, s.sharding) if isinstance(a, np.ndarray) else a,
+                         _restore(folder, like), like)
     step = dist.place(np.int32(read_meta(folder).step), state.step.sharding)
     return state.replace(step=step, params=items["params"], opt_state=items["opt_state"], rng=items["rng"]["key"])
 
@@ -110,16 +113,17 @@ logging.getLogger("absl").addFilter(_Expected())
 
 
 class _Aftermath(logging.Filter):
-    """asyncio's 'Task exception was never retrieved' for the reads a failed restore abandoned."""
+    """asyncio's 'Task exception was never retrieved' (or 'Future …') for the reads a failed restore abandoned."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Task exception was never retrieved")
+        return not str(record.msg).startswith(("Task exception was never retrieved",
+                                                "Future exception was never retrieved"))
 
 
 def _silence_aftermath() -> None:
     """When a restore fails, tensorstore reads still in flight finish on orbax's closed event loop, on
     their own threads and at any moment from the failure on, and each prints a traceback ('Event loop
-    is closed', 'Exception ignored in: <coroutine …>', 'Task exception was never retrieved') around the
+    is closed', 'Exception ignored in: <coroutine …>', 'Task/Future exception was never retrieved') around the
     one error line. Installed before each restore, since they can race the error itself; those, and
     only those, are dropped for the rest of the process (nothing else here runs asyncio)."""
     if getattr(sys.excepthook, "_drops_orbax_aftermath", False):
@@ -161,8 +165,41 @@ def _host_template(tree: Any, cfg: Config) -> Any:
                                            else a.dtype), tree)
 
 
+def _saved_per_layer(path: Path) -> bool:
+    """Whether the checkpoint holds the blocks layer by layer ({"h": {"0": ...}}), as this backend saved
+    them before they were stacked in the training state."""
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            saved = ckptr.metadata(path.resolve() / "params").item_metadata
+        return "0" in saved[LAYERS]
+    except Exception:  # orbax raises many types; a folder whose metadata cannot be read fails the restore
+        return False   # that follows, on every process, and that names what is wrong
+
+
+def _each_params_tree(fn, tree: Any) -> Any:
+    """`tree` with fn applied to every params-shaped dict in it (one holding the blocks under "h"): the
+    parameters themselves, or AdamW's moments inside an optax state."""
+    if isinstance(tree, dict):
+        return fn(tree) if LAYERS in tree else {k: _each_params_tree(fn, v) for k, v in tree.items()}
+    if isinstance(tree, (tuple, list)):
+        parts = [_each_params_tree(fn, v) for v in tree]
+        return type(tree)(*parts) if hasattr(tree, "_fields") else type(tree)(parts)
+    return tree
+
+
 def _restore(path: Path, abstract: dict[str, Any]) -> dict[str, Any]:
-    """Restore the items named in `abstract` ({"params": tree of arrays or ShapeDtypeStructs, ...})."""
+    """Restore the items named in `abstract` ({"params": tree of arrays or ShapeDtypeStructs, ...}). A
+    checkpoint saved with the blocks per layer is read on the host, into numpy arrays of that layout, and
+    returned stacked (numpy arrays, whatever `abstract` holds)."""
+    if _saved_per_layer(path):
+        host = jax.tree.map(lambda a: np.empty(a.shape, a.dtype), abstract)
+        per_layer = _each_params_tree(lambda t: unflatten(unstacked(t)), host)
+        restored = _restore_items(path, per_layer)
+        return _each_params_tree(lambda t: stacked(flatten(t)), restored)
+    return _restore_items(path, abstract)
+
+
+def _restore_items(path: Path, abstract: dict[str, Any]) -> dict[str, Any]:
     args = {name: ocp.args.StandardRestore(tree) for name, tree in abstract.items()}
     _silence_aftermath()
     try:

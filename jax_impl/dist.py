@@ -3,7 +3,7 @@
 The device picker and the run.dtype mapping here serve training, sampling and evaluation alike.
 The mesh has two axes, ("data", "fsdp"): the batch's rows are split over both; each parameter and AdamW
 moment is split over "fsdp" along its largest dimension that the axis divides (replicated when none
-does) and replicated over "data". XLA inserts the collectives: under run.parallel ddp the fsdp axis has
+does; the stacked blocks within each layer, never along the layer axis) and replicated over "data". XLA inserts the collectives: under run.parallel ddp the fsdp axis has
 size 1 and the gradients are all-reduced, as DDP does in torch; under fsdp the weights are all-gathered
 where they are used and the gradients reduce-scattered, as FSDP2 does. Nothing outside this file knows
 which axes exist. torch_impl/dist.py is the torch side.
@@ -23,6 +23,7 @@ from common.config import Config, ConfigError, shard_group_size
 from common.precision import PRECISIONS, Precision, unsupported
 from common.usage import env_int
 from jax_impl import MAX_HOST_DEVICES
+from jax_impl.model import in_layer_stack
 
 DATA_AXIS, FSDP_AXIS = "data", "fsdp"
 # Compiled programs are kept here across runs unless JAX_COMPILATION_CACHE_DIR names another folder, so
@@ -154,11 +155,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def sharding_of(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
-    """A parameter's or AdamW moment's layout: split over the fsdp axis along its largest dimension that the
-    axis divides (the first such, on a tie), replicated when none does or the axis has one device."""
+def sharding_of(mesh: Mesh, shape: tuple[int, ...], first: int = 0) -> NamedSharding:
+    """A parameter's or AdamW moment's layout: split over the fsdp axis along its largest dimension from
+    `first` on that the axis divides (the first such, on a tie), replicated when none does or the axis has
+    one device."""
     size = mesh.shape[FSDP_AXIS]
-    dims = [d for d, n in enumerate(shape) if size > 1 and n % size == 0]
+    dims = [d for d, n in enumerate(shape) if d >= first and size > 1 and n % size == 0]
     if not dims:
         return replicated(mesh)
     split = max(dims, key=lambda d: shape[d])
@@ -166,8 +168,11 @@ def sharding_of(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
 
 
 def state_shardings(mesh: Mesh, tree) -> object:
-    """sharding_of every leaf of a tree of arrays or ShapeDtypeStructs (parameters, optimizer state)."""
-    return jax.tree.map(lambda a: sharding_of(mesh, tuple(a.shape)), tree)
+    """sharding_of every leaf of a tree of arrays or ShapeDtypeStructs (parameters, optimizer state); the
+    stacked blocks are split within each layer, never along the layer axis, so that every device holds its
+    share of each layer (the one the scan's step gathers) as with unstacked parameters."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, a: sharding_of(mesh, tuple(a.shape), 1 if in_layer_stack(path) else 0), tree)
 
 
 def bytes_per_device(tree) -> dict[object, int]:

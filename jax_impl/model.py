@@ -1,13 +1,19 @@
-"""GPT-2 in Flax linen, parameter for parameter the layout of common/names.py.
+"""GPT-2 in Flax linen: the weights of common/names.py, the blocks stacked by layer.
 
-Why linen rather than nnx: a linen model is a pure function of a plain nested dict of arrays. That
-dict, flattened with ".", *is* the common weights ({"h": {"0": {"attn": {"c_attn": {"weight"}}}}}
--> "h.0.attn.c_attn.weight"), optax and orbax take it as-is, and `jax.jit(..., donate_argnums=0)`
-can donate it without nnx's split/merge of mutable module state on every step.
+Why linen rather than nnx: a linen model is a pure function of a plain nested dict of arrays, which
+optax and orbax take as-is and `jax.jit(..., donate_argnums=0)` can donate without nnx's split/merge
+of mutable module state on every step.
 
-Linear weights are stored (in, out) like Hugging Face's Conv1D and Flax's Dense, so to_common /
-from_common rename nothing and transpose nothing. Shapes are noted as (B, T, C): batch, time,
-channels; nh heads of hs = C / nh.
+The tree is the common weights' names nested at the dots ("wte.weight" -> {"wte": {"weight"}}),
+except the transformer blocks: their parameters are stacked on a leading layer axis under "h"
+({"h": {"attn": {"c_attn": {"weight": (n_layer, C, 3C)}}}}), the layout of the layer scan. Stored per
+layer, every step would copy them into the stack and the gradients back out, and each layer's AdamW
+update would be a kernel of its own for XLA to compile. to_common / from_common convert between the
+two layouts at the edges (checkpoints to other formats, parity, sampling); `unstacked` gives the
+per-layer view by common name.
+
+Linear weights are stored (in, out) like Hugging Face's Conv1D and Flax's Dense, so the conversion
+transposes nothing. Shapes are noted as (B, T, C): batch, time, channels; nh heads of hs = C / nh.
 
 Precision mirrors torch autocast: parameters keep their own dtype (fp32, or fp64 for parity);
 matmuls run in the compute `dtype`; LayerNorm, the residual stream, the softmax of attention and the
@@ -26,6 +32,8 @@ from common.config import ModelConfig
 from common.names import check_weights, init_std, param_shapes
 from jax_impl.loss import chunked_lm_loss, lm_loss
 from jax_impl.ops import Dtype, causal_attention, fused_causal_attention, gelu_tanh, wide
+
+LAYERS = "h"  # the stacked blocks' name in the params tree, and the prefix of their common names
 
 
 def _normal(std: float):
@@ -146,47 +154,29 @@ class Block(nn.Module):
 
 
 def scan_layers_for(platform: str) -> bool:
-    """Whether the layer stack runs as one lax.scan on `platform`: on CPUs, where the scanned program
-    loads from the persistent compilation cache faster and compiles faster for deep stacks (the unrolled
-    one compiles faster for shallow ones, docs/performance.md); not on GPUs, where the unrolled stack lets
-    XLA schedule and fuse across layers and skip the stacking copies, for a faster step
-    (`python -m parity.gpu` measures the step; `python -m parity.bench --suite --compile-time` the compile)."""
+    """Whether the layer stack runs as a loop (lax.scan) on `platform`: on CPUs, where the loop compiles
+    the block once and loads from the persistent compilation cache faster; not on GPUs, where the
+    unrolled stack lets XLA schedule and fuse across layers, for a faster step (`python -m parity.gpu`
+    measures the step). The stacked parameters are the same either way."""
     return platform != "gpu"
 
 
-class Blocks(nn.Module):
-    """The layer stack, named "h" with children "0", "1", ... so the tree flattens to h.{i}.*.
+class ScannedBlock(Block):
+    """A Block in nn.scan's form, (x, train) -> (x, None): the residual stream is the carry, `train` goes
+    unchanged to every layer and nothing is stacked out."""
 
-    With `scan_layers`, applied as one lax.scan over the layers' parameters stacked on a leading axis:
-    XLA compiles the block once instead of n_layer unrolled copies, at the price of one copy of the block
-    parameters into the stack and of their gradients out of it per step. Otherwise the layers are applied
-    one after the other. The parameters stay per layer, in the HF layout, either way; Flax's init takes
-    the unrolled branch, which declares them.
-    """
-    cfg: ModelConfig
-    dtype: Dtype
-    param_dtype: Dtype
-    attention: str = "blocked"
-    scan_layers: bool = True
-
-    @nn.compact
     def __call__(self, x, train: bool):
-        cfg = self.cfg
-        if self.is_initializing() or not self.scan_layers:  # init declares the parameters h.0 ... h.{L-1}
-            for i in range(cfg.n_layer):
-                x = Block(cfg, self.dtype, self.param_dtype, self.attention, name=str(i))(x, train)
-            return x
-        block = Block(cfg, self.dtype, self.param_dtype, self.attention, parent=None)
-        layers = [self.variables["params"][str(i)] for i in range(cfg.n_layer)]
-        stacked = jax.tree.map(lambda *a: jnp.stack(a), *layers)
-        dropout = train and cfg.dropout > 0
-        keys = jax.random.split(self.make_rng("dropout"), cfg.n_layer) if dropout else jnp.zeros(cfg.n_layer)
+        return super().__call__(x, train), None
 
-        def layer(h, inputs):
-            params, key = inputs
-            return block.apply({"params": params}, h, train, rngs={"dropout": key} if dropout else None), None
 
-        return jax.lax.scan(layer, x, (stacked, keys))[0]
+def block_stack(cfg: ModelConfig, dtype: Dtype, param_dtype: Dtype, attention: str, scan_layers: bool) -> nn.Module:
+    """The n_layer blocks as one module named "h", its parameters stacked on a leading layer axis, applied
+    `(x, train) -> (x, None)`. With scan_layers, a lax.scan over the layers (XLA compiles the block once);
+    otherwise the scan fully unrolled (no loop from two layers on; each layer reads its slice of the stack
+    and the backward pass concatenates the layers' gradients into the stacked ones)."""
+    stack = nn.scan(ScannedBlock, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                    in_axes=nn.broadcast, length=cfg.n_layer, unroll=1 if scan_layers else cfg.n_layer)
+    return stack(cfg, dtype, param_dtype, attention, name=LAYERS)
 
 
 class GPT(nn.Module):
@@ -202,7 +192,7 @@ class GPT(nn.Module):
         self.wte = Embedding(cfg.padded_vocab_size, cfg.n_embd, init_std("wte.weight", cfg), self.param_dtype)
         self.wpe = Embedding(cfg.block_size, cfg.n_embd, init_std("wpe.weight", cfg), self.param_dtype)
         self.drop = nn.Dropout(cfg.dropout)
-        self.h = Blocks(cfg, self.dtype, self.param_dtype, self.attention, self.scan_layers)
+        self.h = block_stack(cfg, self.dtype, self.param_dtype, self.attention, self.scan_layers)
         self.ln_f = LayerNorm(bias=cfg.bias, param_dtype=self.param_dtype)
 
     def features(self, idx, train: bool = False):
@@ -212,7 +202,7 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {T} tokens is longer than model.block_size {self.cfg.block_size}")
         x = self.wte(idx) + self.wpe(jnp.arange(T))  # (B, T, C)
         x = self.drop(x, deterministic=not train)
-        return self.ln_f(self.h(x, train))
+        return self.ln_f(self.h(x, train)[0])
 
     def head(self, h):
         """Tied LM head: h @ wte.T over the padded vocabulary, returned in at least fp32."""
@@ -233,7 +223,7 @@ class GPT(nn.Module):
 
 
 def flatten(tree, prefix: str = "") -> dict[str, Any]:
-    """Nested params -> {"h.0.attn.c_attn.weight": array}."""
+    """Nested dicts -> {"a.b.c": leaf}; the stacked blocks keep their layer axis ("h.attn.c_attn.weight")."""
     out = {}
     for k, v in tree.items():
         if hasattr(v, "items"):
@@ -254,20 +244,79 @@ def unflatten(flat: dict[str, Any]) -> dict:
     return tree
 
 
+def unstacked(params) -> dict[str, Any]:
+    """A params-shaped tree (parameters, gradients, moments, per-tensor figures) by common name, the block
+    leaves split into their layers, layer by layer: {"h.0.attn.c_attn.weight": stack[0], ...} (views where
+    the leaves are numpy)."""
+    prefix = LAYERS + "."
+    flat = flatten(params)
+    blocks = {name[len(prefix):]: v for name, v in flat.items() if name.startswith(prefix)}
+    first = prefix + next(iter(blocks), "")
+    out: dict[str, Any] = {}
+    for name, v in flat.items():
+        if not name.startswith(prefix):
+            out[name] = v
+        elif name == first:  # every layer, in order, where the stack begins
+            out.update({f"{prefix}{i}.{rest}": b[i] for i in range(v.shape[0]) for rest, b in blocks.items()})
+    return out
+
+
+def stacked(flat: dict[str, Any]) -> dict:
+    """The inverse of unstacked: common names -> the params tree, block leaves stacked by layer (numpy)."""
+    layers: dict[str, dict[int, Any]] = {}
+    tree = {}
+    for name, v in flat.items():
+        parts = name.split(".", 2)
+        if parts[0] == LAYERS:
+            layers.setdefault(parts[2], {})[int(parts[1])] = v
+        else:
+            tree[name] = v
+    for rest, by_layer in layers.items():
+        tree[f"{LAYERS}.{rest}"] = np.stack([by_layer[i] for i in range(len(by_layer))])
+    return unflatten(tree)
+
+
+def in_layer_stack(path) -> bool:
+    """Whether a jax.tree_util key path (of params, or of an optimizer state holding params-shaped trees)
+    leads into the stacked blocks, whose leading axis is the layer."""
+    return any(isinstance(k, jax.tree_util.DictKey) and k.key == LAYERS for k in path)
+
+
+def per_tensor(fn, *trees):
+    """fn(leaf, ...) over params-shaped trees, once per layer in the stacked blocks (vmapped over their axis)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, *leaves: (jax.vmap(fn) if in_layer_stack(path) else fn)(*leaves), *trees)
+
+
+def stacked_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The params tree's leaves by dotted name and shape: common.names.param_shapes with the blocks stacked."""
+    shapes = {}
+    for name, shape in param_shapes(cfg).items():
+        parts = name.split(".", 2)
+        if parts[0] != LAYERS:
+            shapes[name] = shape
+        elif parts[1] == "0":
+            shapes[f"{LAYERS}.{parts[2]}"] = (cfg.n_layer, *shape)
+    return shapes
+
+
 def abstract_params(cfg: ModelConfig, param_dtype: Dtype = jnp.float32) -> dict:
     """Shapes and dtypes of the params tree, without any values (for optax/orbax templates)."""
-    return unflatten({k: jax.ShapeDtypeStruct(s, jnp.dtype(param_dtype)) for k, s in param_shapes(cfg).items()})
+    return unflatten({k: jax.ShapeDtypeStruct(s, jnp.dtype(param_dtype)) for k, s in stacked_shapes(cfg).items()})
 
 
 def to_common(params) -> dict[str, np.ndarray]:
-    """The weights as common weights: fresh numpy copies (never aliases of device buffers) in the
-    parameters' dtype, float32 or float64."""
-    return {k: np.array(jax.device_get(v), copy=True) for k, v in flatten(params).items()}
+    """The weights (or any params-shaped tree) as common weights, per layer: fresh numpy copies (never
+    aliases of device buffers) in the leaves' dtype, float32 or float64."""
+    return {k: np.array(v, copy=True) for k, v in unstacked(jax.device_get(params)).items()}
 
 
 def from_common(weights: dict[str, np.ndarray], cfg: ModelConfig, param_dtype: Dtype = jnp.float32,
                 source: str = "weights") -> dict:
-    """Common weights -> a params tree of `param_dtype` (copied: torch buffers are never aliased)."""
+    """Common weights -> a params tree of `param_dtype`, blocks stacked (copied: torch buffers are never
+    aliased)."""
     check_weights(weights, cfg, source)
-    return unflatten({k: jnp.asarray(np.array(weights[k], copy=True), dtype=param_dtype)
-                      for k in param_shapes(cfg)})
+    # stacked copies the blocks into their stacks; the other tensors are copied here.
+    tree = stacked({k: weights[k] if k.startswith(LAYERS + ".") else np.array(weights[k], copy=True)
+                    for k in param_shapes(cfg)})
+    return jax.tree.map(lambda a: jnp.asarray(a, dtype=param_dtype), tree)

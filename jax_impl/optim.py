@@ -15,12 +15,14 @@ import optax
 from common.config import Config, OptimConfig
 from common.names import decays
 from common.schedule import lr_table
-from jax_impl.model import flatten, unflatten
+from jax_impl.model import in_layer_stack
 
 
 def decay_mask(params) -> dict:
-    """True where common.names.decays says so (ndim ≥ 2: matrices and embeddings)."""
-    return unflatten({k: decays(k, tuple(v.shape)) for k, v in flatten(params).items()})
+    """True where common.names.decays says so of each layer's tensor (ndim ≥ 2: matrices and embeddings)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, v: decays(".".join(k.key for k in path), tuple(v.shape)[1 if in_layer_stack(path) else 0:]),
+        params)
 
 
 def build_optimizer(params, cfg: Config, dtype: Any = jnp.float32) -> optax.GradientTransformation:

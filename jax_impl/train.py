@@ -14,6 +14,7 @@ if __name__ == "__main__":  # before torch/jax load: glibc reads GLIBC_TUNABLES 
 
 import argparse
 import dataclasses
+import math
 import sys
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -31,10 +32,10 @@ from common.checkpoints import CheckpointMeta, open_checkpoint
 from common.config import Config, ConfigError, DataConfig, RunConfig
 from common.diagnostics import summarize_diagnostics
 from common.levers import Levers, configured
-from common.names import init_weights
+from common.names import init_weights, param_shapes
 from jax_impl import checkpoint, dist, levers
 from jax_impl.evaluate import token_losses
-from jax_impl.model import GPT, abstract_params, flatten, from_common, scan_layers_for, to_common
+from jax_impl.model import GPT, abstract_params, from_common, per_tensor, scan_layers_for, to_common
 from jax_impl.ops import attention_for
 from jax_impl.optim import build_optimizer, grad_norm, lr_schedule
 from jax_impl.sample import generate
@@ -84,7 +85,7 @@ class Runtime:
         self.logits = jax.jit(lambda params, x: self.model.apply({"params": params}, x)[..., :cfg.model.vocab_size],
                               out_shardings=self.replicated)
         self.init_opt = jax.jit(self.tx.init, out_shardings=self.opt_shardings)
-        self.tensor_sums = jax.jit(lambda grads, params: jax.tree.map(_tensor_sums, grads, params),
+        self.tensor_sums = jax.jit(lambda grads, params: per_tensor(_tensor_sums, grads, params),
                                    out_shardings=self.replicated)
         self.gather = jax.jit(lambda tree: tree, out_shardings=self.replicated)
 
@@ -275,10 +276,10 @@ class JaxBackend:
         _, dropout_rng = jax.random.split(state.rng)
         g, _ = rt.grads(state.params, dist.put_batch(x.astype(np.int32), rt.batch_sharding),
                         dist.put_batch(y.astype(np.int32), rt.batch_sharding), dropout_rng)
-        sums, weights = flatten(rt.tensor_sums(g, state.params)), flatten(state.params)
-        return summarize_diagnostics({name: (weights[name].ndim, weights[name].size,
-                                             np.asarray(s.addressable_data(0), dtype=np.float64).tolist())
-                                      for name, s in sums.items()})
+        sums = to_common(jax.tree.map(lambda s: s.addressable_data(0), rt.tensor_sums(g, state.params)))
+        shapes = param_shapes(state.cfg.model)
+        return summarize_diagnostics({name: (len(shapes[name]), math.prod(shapes[name]),
+                                             np.asarray(s, dtype=np.float64).tolist()) for name, s in sums.items()})
 
     def generate(self, state: TrainState, prompt: list[int], num_samples: int, max_new_tokens: int,
                  temperature: float, top_k: int, seed: int) -> Iterator[np.ndarray]:

@@ -181,8 +181,8 @@ def parse_hlo(text: str) -> HloIndex:
 
 
 def short_op_path(op_name: str, keep: int = 4) -> str:
-    """`jit(_train_step)/while/body/closed_call/transpose(jvp(GPT.loss))/GPT.features/h/0/ln_2/mul` →
-    `bwd h/0/ln_2/mul`: the model path of the op, without the wrappers every op has."""
+    """`jit(_train_step)/transpose(jvp(GPT.loss))/GPT.features/while/body/closed_call/h/h/ln_2/mul` →
+    `bwd GPT.loss/h/ln_2/mul`: the model path of the op, without the wrappers every op has."""
     first = op_name.split(";")[0]
     parts = []
     for part in first.split("/"):

@@ -86,8 +86,10 @@ def test_fsdp_over_four_devices_matches_one_device_and_resumes_on_fewer(tmp_path
         assert r["state_bytes"] == [(r["whole_state_bytes"] - rep) // size + rep] * len(r["state_bytes"]), name
         assert rep < 64, name
         assert r["specs"]["wte.weight"] == ["fsdp", None]  # (256, 32): the 256
-        assert r["specs"]["h.0.mlp.c_fc.weight"] == [None, "fsdp"]  # (32, 128): the 128
-        assert r["specs"]["h.0.attn.c_attn.bias"] == ["fsdp"]
+        # The blocks, stacked (2 layers, ...), are split within each layer, never along the layer axis.
+        assert r["specs"]["h.mlp.c_fc.weight"] == [None, None, "fsdp"]  # (2, 32, 128): the 128
+        assert r["specs"]["h.attn.c_attn.bias"] == [None, "fsdp"]  # (2, 96)
+        assert r["specs"]["h.ln_1.weight"] == [None, "fsdp"]  # (2, 32), though 2 divides the layer axis too
         assert r["restored_specs"] == r["specs"]  # orbax restored the saved state split the same way
     assert report["resumed-1"]["specs"] == report["resumed-1"]["restored_specs"] == report["one"]["specs"]
 

@@ -13,7 +13,7 @@ from common.names import init_std, init_weights, param_shapes
 from common.plan import num_params
 from helpers import hf_gpt2
 from jax_impl.loss import lm_loss
-from jax_impl.model import GPT, flatten, from_common, to_common, unflatten
+from jax_impl.model import GPT, flatten, from_common, stacked, to_common, unflatten, unstacked
 from jax_impl.sample import generate
 
 TINY = ModelConfig(vocab_size=250, padded_vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd=32)
@@ -66,12 +66,26 @@ def test_output_shapes():
 def test_parameter_names_and_shapes_are_the_contract(bias):
     cfg = ModelConfig(**{**TINY.__dict__, "bias": bias})
     params = init_params(cfg, 0)
-    got = {k: tuple(v.shape) for k, v in flatten(params).items()}
+    got = {k: tuple(v.shape) for k, v in unstacked(params).items()}
     assert got == param_shapes(cfg)
     assert sum(v.size for v in jax.tree.leaves(params)) == num_params(cfg)
-    # The tree is nested exactly as the dotted names say: {"h": {"0": {"attn": {"c_attn": ...}}}}.
-    assert params["h"]["0"]["attn"]["c_attn"]["weight"].shape == (32, 96)
+    # Nested as the dotted names say, except the blocks: stacked by layer under "h".
+    assert params["h"]["attn"]["c_attn"]["weight"].shape == (2, 32, 96)
+    assert params["wte"]["weight"].shape == (256, 32) and "0" not in params["h"]
     assert set(to_common(params)) == set(param_shapes(cfg))
+
+
+def test_the_layer_stack_converts_both_ways_without_changing_a_value():
+    weights = init_weights(TINY, 5)
+    params = from_common(weights, TINY)
+    np.testing.assert_array_equal(params["h"]["mlp"]["c_fc"]["weight"][1], weights["h.1.mlp.c_fc.weight"])
+    back = to_common(params)
+    assert set(back) == set(weights) and all(np.array_equal(back[k], weights[k]) for k in weights)
+    # to_common copies: writing to its arrays changes neither the params nor another call's arrays.
+    back["h.0.ln_1.weight"][:] = 7.0
+    assert float(params["h"]["ln_1"]["weight"][0, 0]) == 1.0 and to_common(params)["h.0.ln_1.weight"][0] == 1.0
+    restacked = stacked(unstacked(jax.device_get(params)))
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), restacked, jax.device_get(params)))
 
 
 def test_init_follows_gpt2():
@@ -220,9 +234,11 @@ def test_scanned_layers_equal_the_unrolled_stack_and_init_matches_the_module():
     declared = jax.eval_shape(lambda: GPT(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"])
     assert jax.tree.map(lambda a: (a.shape, a.dtype), declared) == jax.tree.map(lambda a: (a.shape, a.dtype), params)
     x = tokens((2, 16))
-    scanned = np.asarray(jax.jit(GPT(cfg).apply)({"params": params}, x))
-    unrolled = np.asarray(jax.jit(GPT(cfg, scan_layers=False).apply)({"params": params}, x))
-    np.testing.assert_allclose(scanned, unrolled, rtol=0, atol=1e-5)
+    scan, unroll = (jax.jit(GPT(cfg, scan_layers=s).apply).lower({"params": params}, x).compile() for s in (True, False))
+    np.testing.assert_allclose(np.asarray(scan({"params": params}, x)), np.asarray(unroll({"params": params}, x)),
+                               rtol=0, atol=1e-5)
+    # Both read the same stacked parameters; only the scan leaves a loop in XLA's program.
+    assert "while" in scan.as_text() and "while" not in unroll.as_text()
 
 
 def test_blocked_causal_attention_equals_the_full_masked_softmax():

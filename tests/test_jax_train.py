@@ -22,7 +22,7 @@ from helpers import (ROOT, SAVER_MODEL, assert_same_three_steps, batch, check_ex
                      state_after_a_non_finite_loss, trained_three_steps_and_saved, trainer_args)
 from jax_impl import checkpoint as ckpt
 from jax_impl import sample
-from jax_impl.model import flatten, unflatten
+from jax_impl.model import flatten, unflatten, unstacked
 from jax_impl.optim import clip_by_global_norm, decay_mask, lr_schedule
 from jax_impl.train import BACKEND, main
 
@@ -42,10 +42,11 @@ def same_tree(a, b) -> bool:
 def test_weight_decay_groups_hold_exactly_the_2d_params(tmp_path):
     state = new_state(twenty_step_config(tmp_path, tmp_path))
     mask = flatten(decay_mask(state.params))
-    shapes = {k: v.shape for k, v in flatten(state.params).items()}
+    # Each layer's tensor decides: a stacked LayerNorm gain is 2-D but decays no more than one layer's.
+    shapes = {k: v.shape[1:] if k.startswith("h.") else v.shape for k, v in flatten(state.params).items()}
     assert sorted(k for k, m in mask.items() if m) == sorted(k for k, s in shapes.items() if len(s) >= 2)
-    assert mask["wte.weight"] and mask["h.0.attn.c_proj.weight"]
-    assert not mask["h.0.ln_1.weight"] and not mask["h.0.mlp.c_fc.bias"]
+    assert mask["wte.weight"] and mask["h.attn.c_proj.weight"]
+    assert not mask["h.ln_1.weight"] and not mask["h.mlp.c_fc.bias"]
     # A decayed and an undecayed parameter with zero gradient: only the first shrinks, by lr·wd.
     cfg = twenty_step_config(tmp_path, tmp_path)
     from jax_impl.optim import build_optimizer
@@ -155,6 +156,29 @@ def test_checkpoint_roundtrip_restores_the_optimizer(tmp_path):
     assert same_tree(state.params, loaded.params)
 
 
+def test_a_checkpoint_saved_with_the_blocks_per_layer_loads_stacked(tmp_path):
+    """This backend saved the blocks layer by layer (h.0, h.1, ...) before it stacked them: such a
+    checkpoint resumes, and its weights and moments read, as the same numbers."""
+    cfg = twenty_step_config(tmp_path, tmp_path)
+    x, y = batch(2, 4)
+    state, _ = trained_three_steps_and_saved(BACKEND, cfg, x, y, tmp_path / "stacked")
+    def per_layer(tree):
+        return ckpt._each_params_tree(lambda t: unflatten(unstacked(t)), tree)
+    old = state.replace(params=per_layer(state.params), opt_state=per_layer(state.opt_state))
+    assert "0" in old.params["h"] and "0" in old.opt_state[1][0].mu["h"]
+    path = ckpt.save_checkpoint(old, tmp_path / "per-layer", meta(BACKEND, cfg, 3))
+    loaded, _ = BACKEND.load_checkpoint(path, cfg, BACKEND.setup(cfg))
+    assert same_tree(state.params, loaded.params) and same_tree(state.opt_state, loaded.opt_state)
+    assert loaded.params["h"]["attn"]["c_attn"]["weight"].shape[0] == cfg.model.n_layer
+    common = ckpt.read_weights(path, cfg)
+    assert all(np.array_equal(common[k], v) for k, v in weights_of(state).items())
+    moments = ckpt.read_moments(path, cfg)
+    assert all(np.array_equal(moments["v"][k], v) for k, v in BACKEND.optimizer_moments(state)["v"].items())
+    state, m1 = BACKEND.train_step(state, x, y)
+    loaded, m2 = BACKEND.train_step(loaded, x, y)
+    assert float(m1["loss"]) == float(m2["loss"]) and same_tree(state.params, loaded.params)
+
+
 def test_retention_keeps_the_newest_and_the_best(tmp_path):
     check_retention(BACKEND, tmp_path)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
@@ -211,7 +235,7 @@ def test_atomic_save_survives_sigkill(tmp_path):
 
 def poison(state):
     flat = flatten(state.params)
-    flat["h.0.mlp.c_fc.weight"] = flat["h.0.mlp.c_fc.weight"].at[0, 0].set(jnp.inf)
+    flat["h.mlp.c_fc.weight"] = flat["h.mlp.c_fc.weight"].at[0, 0, 0].set(jnp.inf)  # layer 0's
     return state.replace(params=unflatten(flat))
 
 

@@ -40,7 +40,7 @@ ENTRY %main.3 (x.1: f32[128,128], w: f32[50257,128]) -> (f32[128], s32[]) {
   %ynn_fusion.2 = f32[128,50257]{1,0} fusion(%x.1, %w), kind=kCustom, calls=%fused_computation.2, metadata={op_name="jit(_train_step)/while/body/closed_call/jvp(GPT.loss)/while/body/closed_call/jit(log_softmax)/reduce_max" stack_frame_id=305}
   %while.25 = (s32[], f32[50257,128]{1,0}) while(%tuple.32), condition=%c, body=%b, metadata={op_name="jit(_train_step)/while"}
   %wrapped_broadcast = f32[50257,128]{1,0} fusion(%c), kind=kLoop, calls=%wrapped_broadcast_computation
-  ROOT %copy.7 = f32[128,128]{1,0} copy(%x.1), metadata={op_name="jit(_train_step)/while/body/closed_call/transpose(jvp(GPT.loss))/GPT.features/h/0/ln_2/mul"}
+  ROOT %copy.7 = f32[128,128]{1,0} copy(%x.1), metadata={op_name="jit(_train_step)/transpose(jvp(GPT.loss))/GPT.features/while/body/closed_call/h/h/ln_2/mul"}
 }
 """
 
@@ -49,7 +49,7 @@ def test_hlo_instructions_are_described_for_the_jax_table():
     hlo = profile.parse_hlo(HLO)
     assert profile.describe("ynn_fusion.2", hlo) == (
         "f32[128,50257] fusion[dot,reduce] · GPT.loss/log_softmax/reduce_max")
-    assert profile.describe("copy.7", hlo) == "f32[128,128] copy · bwd h/0/ln_2/mul"
+    assert profile.describe("copy.7", hlo) == "f32[128,128] copy · bwd GPT.loss/h/ln_2/mul"
     # A fusion without metadata of its own: the contents are its only op, the path is its root's.
     assert profile.describe("wrapped_broadcast", hlo) == (
         "f32[50257,128] fusion[broadcast] · GPT.loss/broadcast_in_dim")
