@@ -29,7 +29,7 @@ from common.data import DataError, DataLoader, loader_for, val_batches_for
 from common.hellaswag import HellaSwagError, load_examples
 from common.levers import Levers
 from common.loggers import Sinks, open_sinks
-from common.outdir import hold
+from common.outdir import hold, in_use
 from common.plan import flops_per_token, plan_lines
 from common.records import MetricsLog, format_line
 from common.report import write_run_report
@@ -165,7 +165,9 @@ def _resume_folder(backend: Backend, out_dir: Path, resume: str) -> Path:
     if resume == "latest":
         folder = latest_checkpoint(out_dir)
         if folder is None:
-            raise CheckpointError(f"{out_dir}: no checkpoint to resume from")
+            busy = in_use(out_dir)
+            raise CheckpointError(f"{out_dir}: no checkpoint to resume from" +
+                                  (f"; it is in use by {busy}, which has not saved one yet" if busy else ""))
     else:
         folder = resolve(Path(resume))
     if (saved_by := read_meta(folder).backend) != backend.name:

@@ -86,6 +86,24 @@ def holder(folder: str | os.PathLike) -> str:
     return text or "another process"
 
 
+def in_use(folder: str | os.PathLike) -> str | None:
+    """Who holds the folder's lock now, as its lock file says; None when nobody does. Reads only: a folder
+    or lock file that does not exist is not in use."""
+    try:
+        fd = os.open(Path(folder) / LOCK, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released by the close below
+        return None
+    except BlockingIOError:
+        return holder(folder)
+    except OSError:  # a file system without locks: nothing to tell
+        return None
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def hold(folder: str | os.PathLike, flag: str) -> Iterator[Path]:
     """Create `folder` and hold its lock until the block ends; FolderError naming the holder when another

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from common.outdir import LOCK, FolderError, hold, make_output_dir, output_file, write_output
+from common.outdir import LOCK, FolderError, hold, in_use, make_output_dir, output_file, write_output
 from helpers import ROOT
 
 HOLDER = """
@@ -84,6 +84,20 @@ def test_another_process_holding_the_folder_is_named_and_its_lock_is_taken_over_
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_in_use_names_a_live_holder_only_and_creates_nothing(tmp_path):
+    assert in_use(tmp_path / "nothing") is None and not (tmp_path / "nothing").exists()
+    proc = start_holder(tmp_path)
+    try:
+        assert in_use(tmp_path) == f"pid {proc.pid} on {socket.gethostname()}"
+        with pytest.raises(FolderError):  # reading the lock did not take it
+            with hold(tmp_path, "run.out_dir"):
+                pass
+    finally:
+        proc.kill()
+        proc.wait()
+    assert in_use(tmp_path) is None and (tmp_path / LOCK).read_text().startswith(f"pid {proc.pid} ")
 
 
 def test_a_second_trainer_process_exits_2_naming_the_holder(tmp_path, tiny_shards):
