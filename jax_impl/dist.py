@@ -3,9 +3,10 @@
 The device picker and the run.dtype mapping here serve training, sampling and evaluation alike.
 The mesh has two axes, ("data", "fsdp"): the batch's rows are split over both; each parameter and AdamW
 moment is split over "fsdp" along its largest dimension that the axis divides (replicated when none
-does; the stacked blocks within each layer, never along the layer axis) and replicated over "data". XLA inserts the collectives: under run.parallel ddp the fsdp axis has
-size 1 and the gradients are all-reduced, as DDP does in torch; under fsdp the weights are all-gathered
-where they are used and the gradients reduce-scattered, as FSDP2 does. Nothing outside this file knows
+does; the stacked blocks within each layer, never along the layer axis) and replicated over "data".
+XLA inserts the collectives: under run.parallel ddp the fsdp axis has size 1 and the gradients are
+all-reduced, as DDP does in torch; under fsdp the weights are all-gathered where they are used and the
+gradients reduce-scattered, as FSDP2 does. Nothing outside this file knows
 which axes exist. torch_impl/dist.py is the torch side.
 """
 from __future__ import annotations

@@ -234,7 +234,8 @@ def test_scanned_layers_equal_the_unrolled_stack_and_init_matches_the_module():
     declared = jax.eval_shape(lambda: GPT(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"])
     assert jax.tree.map(lambda a: (a.shape, a.dtype), declared) == jax.tree.map(lambda a: (a.shape, a.dtype), params)
     x = tokens((2, 16))
-    scan, unroll = (jax.jit(GPT(cfg, scan_layers=s).apply).lower({"params": params}, x).compile() for s in (True, False))
+    scan, unroll = (jax.jit(GPT(cfg, scan_layers=s).apply).lower({"params": params}, x).compile()
+                    for s in (True, False))
     np.testing.assert_allclose(np.asarray(scan({"params": params}, x)), np.asarray(unroll({"params": params}, x)),
                                rtol=0, atol=1e-5)
     # Both read the same stacked parameters; only the scan leaves a loop in XLA's program.
