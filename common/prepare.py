@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import fcntl
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -352,6 +353,14 @@ def ensure_default_data(folder: str | Path = DEFAULT_FOLDER) -> Path:
 
 # ---- CLI --------------------------------------------------------------------------------------
 
+def _first_read(documents: Iterable[Document]) -> Iterator[Document]:
+    """`documents` with the first one already read, so that a source failing at once (a first row without
+    the text field, `datasets` not installed) is refused before the output folder exists."""
+    it = iter(documents)
+    first = next(it, None)
+    return it if first is None else itertools.chain([first], it)
+
+
 def _derived_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.-]+", "-", text).strip("-.") or "data"
 
@@ -397,6 +406,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # checked here too: a folder prepared already is otherwise kept without looking at the flags
         check_options(name, args.shard_size, val_tokens, args.workers, args.seed)
         out = Path(args.out or (DEFAULT_FOLDER if name == "stdlib" and not (args.input or args.hf) else f"data/{name}"))
+        if args.force or _read_manifest(out) is None:  # the source will be read (a prepared folder is kept unread)
+            documents = _first_read(documents)
         make_output_dir(out, "--out")
         _prepare_once(out, args.force, documents=documents, name=name, shard_size=args.shard_size,
                       val_tokens=val_tokens, workers=args.workers,

@@ -185,9 +185,9 @@ def _configs_and_files(world: World) -> None:
     files = {"not_toml": "model = [", "unknown_key": "[model]\nn_layr = 2\n", "wrong_type": "[optim]\nmax_lr = 'x'\n",
              "a_file": "a regular file where a folder should be\n",
              "hellaswag_bad": '{"ind": 1, "ctx": "A man", "label": 0, "endings": ["a", "b"]}\n',
-             "empty_txt": "", "bad_jsonl": '{"text": "fine"}\n{"text": \n'}
+             "empty_txt": "", "bad_jsonl": '{"text": "fine"}\n{"text": \n', "untexted_jsonl": '{"body": "x"}\n'}
     names = {"not_toml": "c.toml", "unknown_key": "k.toml", "wrong_type": "t.toml", "hellaswag_bad": "hs.jsonl",
-             "empty_txt": "empty.txt", "bad_jsonl": "bad.jsonl", "a_file": "a_file"}
+             "empty_txt": "empty.txt", "bad_jsonl": "bad.jsonl", "untexted_jsonl": "untexted.jsonl", "a_file": "a_file"}
     for key, text in files.items():
         world.paths[key] = world.root / names[key]
         world.paths[key].write_text(text)

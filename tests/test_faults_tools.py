@@ -27,6 +27,8 @@ CASES = [
          named("{empty_txt}: no text to tokenize"), found_late=True),
     Case("prepare-invalid-jsonl", PREPARE, args("--input", "{bad_jsonl}", "--out", "{tmp}/o"),
          named("{bad_jsonl}:2: not valid JSON"), found_late=True),
+    Case("prepare-first-row-without-the-text-field", PREPARE, args("--input", "{untexted_jsonl}", "--out", "{tmp}/o"),
+         named("{untexted_jsonl}:1: no string field 'text' (use --text-field)")),
     Case("prepare-out-under-a-file", PREPARE, args("--input", "{bad_jsonl}", "--out", "{a_file}/o"),
          named("--out: cannot create {a_file}/o: {a_file} is a file")),
     Case("prepare-missing-input", PREPARE, args("--input", "{tmp}/none.txt", "--out", "{tmp}/o"),

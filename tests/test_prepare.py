@@ -192,6 +192,7 @@ def test_hf_without_datasets_is_clean_error(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import fails without touching the network
     assert run("--hf", "some/dataset", "--out", tmp_path / "out") == 2
     assert "datasets" in error_line(capsys)
+    assert not (tmp_path / "out").exists()  # refused before the output folder was made
 
 
 def test_stdlib_documents():
