@@ -222,6 +222,16 @@ def test_on_cuda_torch_applies_the_configured_threads_and_keeps_cublas(monkeypat
         torch.set_num_threads(before)
 
 
+def test_on_a_gpu_jax_keeps_xla_for_an_explicit_cpu_gemm(monkeypatch):
+    """run.cpu_gemm is a CPU lever: on a GPU the levers line shows XLA's device kernels, as torch shows cuBLAS."""
+    from jax_impl import levers as jl
+
+    monkeypatch.setattr(jl, "accelerator_peak", lambda cfg: (989.4e12, "datasheet"))
+    chosen = jl.choose(Config(run=RunConfig(cpu_gemm="xla")), "gpu", log=lambda line: None)
+    assert chosen.choices["gemm"].source == chosen.choices["head_gemm"].source == "device"
+    assert jl.choose(Config(run=RunConfig(cpu_gemm="xla")), "cpu", log=lambda line: None).choices["gemm"].source == "config"
+
+
 TOY = Config(model=ModelConfig(vocab_size=200, padded_vocab_size=256, block_size=16, n_layer=1, n_head=2, n_embd=32),
              optim=OptimConfig(total_batch_size=16 * 32, micro_batch_size=32))
 
