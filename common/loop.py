@@ -159,13 +159,13 @@ def train(backend: Backend, cfg: Config, resume: str | None = None, log: Callabl
         return _train(backend, cfg, dist, chosen, loader, out_dir, resume, say)
 
 
-def _resume_folder(backend: Backend, out_dir: Path, resume: str) -> Path:
+def _resume_folder(backend: Backend, out_dir: Path, resume: str, locked: bool = False) -> Path:
     """The checkpoint step folder `resume` names ("latest": the newest in out_dir), refused when there is
-    none or another backend saved it."""
+    none or another backend saved it. `locked`: this run holds out_dir's lock (so the holder is not asked)."""
     if resume == "latest":
         folder = latest_checkpoint(out_dir)
         if folder is None:
-            busy = in_use(out_dir)
+            busy = None if locked else in_use(out_dir)
             raise CheckpointError(f"{out_dir}: no checkpoint to resume from" +
                                   (f"; it is in use by {busy}, which has not saved one yet" if busy else ""))
     else:
@@ -190,7 +190,7 @@ def _train(backend: Backend, cfg: Config, dist: DistInfo, chosen: Levers, loader
     history: list[dict[str, Any]] = []
     start = 0
     if resume is not None:
-        folder = _resume_folder(backend, out_dir, resume)  # again under the lock: the newest may have changed
+        folder = _resume_folder(backend, out_dir, resume, locked=True)  # the newest may have changed
         state, meta = backend.load_checkpoint(folder, cfg, dist)
         changed = _check_resumable(meta, cfg, folder)
         if changed and dist.is_main:

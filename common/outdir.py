@@ -15,6 +15,7 @@ import fcntl
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -90,11 +91,11 @@ def in_use(folder: str | os.PathLike) -> str | None:
     """Who holds the folder's lock now, as its lock file says; None when nobody does. Reads only: a folder
     or lock file that does not exist is not in use."""
     try:
-        fd = os.open(Path(folder) / LOCK, os.O_RDONLY)
+        fd = os.open(Path(folder) / LOCK, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: a FIFO there does not hang
     except OSError:
         return None
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released by the close below
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # an instant's shared lock, released by the close below
         return None
     except BlockingIOError:
         return holder(folder)
@@ -102,6 +103,19 @@ def in_use(folder: str | os.PathLike) -> str | None:
         return None
     finally:
         os.close(fd)
+
+
+def _lock_now(fd: int, tries: int = 5) -> None:
+    """flock(LOCK_EX) without waiting for a holder, tried a few times over about 40 ms: `in_use` takes a
+    shared lock for an instant to look, and a run starting in that instant is not refused for it."""
+    for attempt in range(tries):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.01)
 
 
 @contextlib.contextmanager
@@ -117,7 +131,7 @@ def hold(folder: str | os.PathLike, flag: str) -> Iterator[Path]:
         raise FolderError(f"{flag}: cannot create the lock file {path}: {e.strerror}") from None
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lock_now(fd)
         except BlockingIOError:
             raise FolderError(f"{flag}: {folder} is in use by {holder(folder)} (lock file {path}); wait for that run "
                               f"to end or choose another {flag}") from None

@@ -30,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from common.cli import INPUT_ERRORS, Parser
-from common.outdir import make_output_dir
+from common.outdir import make_output_dir, output_file
 from common.shards import MAGIC, MAX_SHARD_TOKENS, VERSION, ShardError, write_shard
 from common.sources import (Document, PrepareError, describe, hf_documents, input_documents, read_document,
                             stdlib_documents, undecodable_warning)
@@ -407,6 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_options(name, args.shard_size, val_tokens, args.workers, args.seed)
         out = Path(args.out or (DEFAULT_FOLDER if name == "stdlib" and not (args.input or args.hf) else f"data/{name}"))
         if args.force or _read_manifest(out) is None:  # the source will be read (a prepared folder is kept unread)
+            output_file(out / MANIFEST, "--out")  # --out can be made: checked before the source is opened
             documents = _first_read(documents)
         make_output_dir(out, "--out")
         _prepare_once(out, args.force, documents=documents, name=name, shard_size=args.shard_size,

@@ -1,5 +1,9 @@
 """JAX checkpoints: out_dir/checkpoints/step_XXXXXXXX/{params, opt_state, rng (orbax items), meta.json}.
 
+params and opt_state are the training state's trees as they are, the blocks stacked by layer
+(jax_impl/model.py); a checkpoint holding them layer by layer, as this backend saved them before, is
+read too and stacked on the host.
+
 Every process calls save_checkpoint (orbax writes each array's shards from the processes that hold
 them). orbax writes into a temporary folder and renames it into place when the save is finalized;
 process 0 then writes meta.json (common.checkpoints.write_meta), which is what makes the folder count:

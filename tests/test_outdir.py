@@ -98,6 +98,8 @@ def test_in_use_names_a_live_holder_only_and_creates_nothing(tmp_path):
         proc.kill()
         proc.wait()
     assert in_use(tmp_path) is None and (tmp_path / LOCK).read_text().startswith(f"pid {proc.pid} ")
+    with hold(tmp_path, "run.out_dir"):  # in_use let go of what it took to look
+        assert in_use(tmp_path) == f"pid {os.getpid()} on {socket.gethostname()}"
 
 
 def test_a_second_trainer_process_exits_2_naming_the_holder(tmp_path, tiny_shards):

@@ -187,12 +187,15 @@ def test_negative_seed_exit_2(tmp_path, txt_dir, capsys):
     assert error_line(capsys) == "error: --seed must be >= 0 (got -3)"
 
 
-def test_hf_without_datasets_is_clean_error(tmp_path, capsys, monkeypatch):
+def test_hf_without_datasets_is_clean_error(tmp_path, txt_dir, capsys, monkeypatch):
     import sys
     monkeypatch.setitem(sys.modules, "datasets", None)  # import fails without touching the network
     assert run("--hf", "some/dataset", "--out", tmp_path / "out") == 2
     assert "datasets" in error_line(capsys)
     assert not (tmp_path / "out").exists()  # refused before the output folder was made
+    # A folder prepared already is kept without reading the source: no `datasets`, no network, exit 0.
+    assert run("--input", txt_dir, "--out", tmp_path / "out") == 0
+    assert run("--hf", "some/dataset", "--out", tmp_path / "out") == 0
 
 
 def test_stdlib_documents():
