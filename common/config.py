@@ -18,6 +18,10 @@ from typing import Any, Sequence
 from common.precision import DTYPES, PRECISIONS
 from common.usage import Parser
 
+# Host devices a CPU run may ask XLA for (JAX's --devices, parity.bench's replicas); XLA takes minutes to
+# create hundreds of thousands.
+MAX_HOST_DEVICES = 1024
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = "default"
 PARALLELISMS = ("ddp", "fsdp")  # run.parallel

@@ -135,6 +135,13 @@ def config_choices(cfg: Config) -> dict[str, Choice]:
     return {}
 
 
+def on_device(backend: str, fixed: dict[str, Choice], explicit: dict[str, Choice], order: Sequence[str]) -> Levers:
+    """The levers on an accelerator: the device's own values, overridden by the config's except run.cpu_gemm
+    (gemm, head_gemm), which picks among CPU libraries only."""
+    explicit = {n: c for n, c in explicit.items() if n not in ("gemm", "head_gemm")}
+    return Levers(backend, {n: {**fixed, **explicit}[n] for n in order})
+
+
 def allocator_choice() -> Choice:
     return Choice(*allocator_setting())
 

@@ -153,15 +153,16 @@ def train(backend: Backend, cfg: Config, resume: str | None = None, log: Callabl
     loader = loader_for(cfg, dist)  # unusable shards, too, are refused before the output folder exists
     out_dir = resolve_out_dir(cfg, backend)
     if resume is not None:
-        folder = _resume_folder(backend, out_dir, resume)
-        _check_resumable(read_meta(folder), cfg, folder)  # a checkpoint this config cannot continue, too
+        folder, meta = _resume_folder(backend, out_dir, resume)
+        _check_resumable(meta, cfg, folder)  # a checkpoint this config cannot continue, too
     with hold(out_dir, "run.out_dir") if dist.is_main else contextlib.nullcontext():
         return _train(backend, cfg, dist, chosen, loader, out_dir, resume, say)
 
 
-def _resume_folder(backend: Backend, out_dir: Path, resume: str, locked: bool = False) -> Path:
-    """The checkpoint step folder `resume` names ("latest": the newest in out_dir), refused when there is
-    none or another backend saved it. `locked`: this run holds out_dir's lock (so the holder is not asked)."""
+def _resume_folder(backend: Backend, out_dir: Path, resume: str, locked: bool = False) -> tuple[Path, CheckpointMeta]:
+    """The checkpoint step folder `resume` names ("latest": the newest in out_dir) and its meta.json, refused
+    when there is none or another backend saved it. `locked`: this run holds out_dir's lock (so the holder is
+    not asked)."""
     if resume == "latest":
         folder = latest_checkpoint(out_dir)
         if folder is None:
@@ -170,14 +171,15 @@ def _resume_folder(backend: Backend, out_dir: Path, resume: str, locked: bool = 
                                   (f"; it is in use by {busy}, which has not saved one yet" if busy else ""))
     else:
         folder = resolve(Path(resume))
-    if (saved_by := read_meta(folder).backend) != backend.name:
+    meta = read_meta(folder)
+    if (saved_by := meta.backend) != backend.name:
         raise CheckpointError(f"{folder}: a {saved_by} checkpoint; `python -m parity.convert {folder} DST --to "
                               f"{backend.name}` makes a {backend.name} one to resume from")
     own_run = folder.absolute().parent.parent  # run/checkpoints/step_N
     if resume != "latest" and own_run.resolve() != out_dir.resolve() and (other := latest_checkpoint(out_dir)):
         raise CheckpointError(f"run.out_dir {out_dir} already holds another run's checkpoints (newest: {other.name}); "
                               f"--resume alone continues that run, or give a new run.out_dir for {folder}")
-    return folder
+    return folder, meta
 
 
 def _train(backend: Backend, cfg: Config, dist: DistInfo, chosen: Levers, loader: DataLoader, out_dir: Path,
@@ -190,7 +192,7 @@ def _train(backend: Backend, cfg: Config, dist: DistInfo, chosen: Levers, loader
     history: list[dict[str, Any]] = []
     start = 0
     if resume is not None:
-        folder = _resume_folder(backend, out_dir, resume, locked=True)  # the newest may have changed
+        folder, _ = _resume_folder(backend, out_dir, resume, locked=True)  # the newest may have changed
         state, meta = backend.load_checkpoint(folder, cfg, dist)
         changed = _check_resumable(meta, cfg, folder)
         if changed and dist.is_main:

@@ -9,9 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
-
-# Host devices a CPU run may ask XLA for; XLA takes minutes to create hundreds of thousands.
-MAX_HOST_DEVICES = 1024
+from common.config import MAX_HOST_DEVICES
 
 
 def _devices_from_argv(argv: list[str]) -> int | None:

@@ -1,8 +1,8 @@
 """JAX checkpoints: out_dir/checkpoints/step_XXXXXXXX/{params, opt_state, rng (orbax items), meta.json}.
 
 params and opt_state are the training state's trees as they are, the blocks stacked by layer
-(jax_impl/model.py); a checkpoint holding them layer by layer, as this backend saved them before, is
-read too and stacked on the host.
+(jax_impl/model.py). A checkpoint holding the blocks layer by layer ({"h": {"0": ...}}) is read too,
+and stacked on the host, so that such checkpoints keep resuming.
 
 Every process calls save_checkpoint (orbax writes each array's shards from the processes that hold
 them). orbax writes into a temporary folder and renames it into place when the save is finalized;
@@ -170,8 +170,7 @@ def _host_template(tree: Any, cfg: Config) -> Any:
 
 
 def _saved_per_layer(path: Path) -> bool:
-    """Whether the checkpoint holds the blocks layer by layer ({"h": {"0": ...}}), as this backend saved
-    them before they were stacked in the training state."""
+    """Whether the checkpoint holds the blocks layer by layer ({"h": {"0": ...}}) rather than stacked."""
     try:
         with ocp.StandardCheckpointer() as ckptr:
             saved = ckptr.metadata(path.resolve() / "params").item_metadata
@@ -183,12 +182,9 @@ def _saved_per_layer(path: Path) -> bool:
 def _each_params_tree(fn, tree: Any) -> Any:
     """`tree` with fn applied to every params-shaped dict in it (one holding the blocks under "h"): the
     parameters themselves, or AdamW's moments inside an optax state."""
-    if isinstance(tree, dict):
-        return fn(tree) if LAYERS in tree else {k: _each_params_tree(fn, v) for k, v in tree.items()}
-    if isinstance(tree, (tuple, list)):
-        parts = [_each_params_tree(fn, v) for v in tree]
-        return type(tree)(*parts) if hasattr(tree, "_fields") else type(tree)(parts)
-    return tree
+    def params_shaped(node: Any) -> bool:
+        return isinstance(node, dict) and LAYERS in node
+    return jax.tree.map(lambda node: fn(node) if params_shaped(node) else node, tree, is_leaf=params_shaped)
 
 
 def _restore(path: Path, abstract: dict[str, Any]) -> dict[str, Any]:

@@ -20,10 +20,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from common.backend import DistInfo
-from common.config import Config, ConfigError, shard_group_size
+from common.config import MAX_HOST_DEVICES, Config, ConfigError, shard_group_size
 from common.precision import PRECISIONS, Precision, unsupported
 from common.usage import env_int
-from jax_impl import MAX_HOST_DEVICES
 from jax_impl.model import in_layer_stack
 
 DATA_AXIS, FSDP_AXIS = "data", "fsdp"

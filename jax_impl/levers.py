@@ -52,8 +52,7 @@ def choose(cfg: Config, platform: str, log: Callable[[str], None] = print) -> Le
         fixed.update(loss_chunk_rows=Choice(FIXED_CHUNK_ROWS, "device"))
         for name in ("gemm", "head_gemm", "threads"):
             fixed[name] = Choice(fixed[name].value, "device", fixed[name].note)
-        explicit = {n: c for n, c in explicit.items() if n not in ("gemm", "head_gemm")}  # run.cpu_gemm: CPUs only
-        result = Levers("jax", {n: {**fixed, **explicit}[n] for n in NAMES})
+        result = levers.on_device("jax", fixed, explicit, NAMES)
         result.peak_flops, result.peak_source = accelerator_peak(cfg)
         return result
     defaults = {"loss_chunk_rows": Choice(FIXED_CHUNK_ROWS, "fixed")}

@@ -29,11 +29,10 @@ from bench.pairwise import bench, bench_config, format_table, parse_backends, pl
 from bench.vs_plain import check_config, format_vs_plain, vs_plain
 from bench.workers import allocator_env, parse_pin
 from common.benchtiming import DEFAULT_SHAPE, SHAPES
-from common.config import PARALLELISMS, ConfigError
+from common.config import MAX_HOST_DEVICES, PARALLELISMS, ConfigError
 from common.loop import INPUT_ERRORS, ensure_data
 from common.outdir import output_file, write_output
 from common.usage import ExitingParser
-from jax_impl import MAX_HOST_DEVICES
 from parity.bench_suite import SUITE_DTYPES, SUITE_ROWS, run_suite, suite_options, suite_text
 
 SUITE_ONLY = ("rows", "dtypes", "no_pin", "pin_rounds", "compile_time", "profile")

@@ -100,7 +100,7 @@ def trainer_cases(b: str) -> list[Case]:
                   Case("torch-resume-truncated", module, resume("torch_truncated"), "train_state.pt: sha256"),
                   Case("torch-resume-legacy-truncated", module, resume("torch_legacy_truncated"),
                        "train_state.pt: cannot read optimizer state"),
-                  Case("torch-launcher-rank-not-a-number", module, fresh(), "RANK: expected an integer, got 'abc'",
+                  Case("torch-launcher-variable-not-a-number", module, fresh(), "RANK: expected an integer, got 'abc'",
                        during=lambda w, tmp: environment(RANK="abc", WORLD_SIZE="1", LOCAL_RANK="0"))]
     else:
         cases += [Case("jax-resume-garbled", module, resume("jax_garbled"),
@@ -109,7 +109,7 @@ def trainer_cases(b: str) -> list[Case]:
                        lambda w, tmp: f"{w['jax_missing_file']}: checkpoint file unreadable"),
                   Case("jax-negative-devices", module, fresh("--devices", -1), "--devices must be ≥ 0"),
                   Case("jax-devices-past-the-host-cap", module, fresh("--devices", 2000), "at most 1024 host devices"),
-                  Case("jax-launcher-process-count-not-a-number", module, fresh(),
+                  Case("jax-launcher-variable-not-a-number", module, fresh(),
                        "JAX_NUM_PROCESSES: expected an integer, got 'two'",
                        during=lambda w, tmp: environment(JAX_NUM_PROCESSES="two"))]
     return cases
@@ -143,7 +143,7 @@ def test_a_checkpoint_of_the_run_itself_resumes_however_it_is_named(backend, fau
     steps = complete_checkpoints(run)
     me = SimpleNamespace(name=backend)
     monkeypatch.chdir(run / "checkpoints")
-    assert _resume_folder(me, Path(".."), steps[0].name).resolve() == steps[0].resolve()
+    assert _resume_folder(me, Path(".."), steps[0].name)[0].resolve() == steps[0].resolve()
     monkeypatch.chdir(run.parent)
-    assert _resume_folder(me, Path(run.name), f"{run.name}/checkpoints").resolve() == steps[-1].resolve()
-    assert _resume_folder(me, run, "latest") == steps[-1]
+    assert _resume_folder(me, Path(run.name), f"{run.name}/checkpoints")[0].resolve() == steps[-1].resolve()
+    assert _resume_folder(me, run, "latest")[0] == steps[-1]

@@ -157,8 +157,8 @@ def test_checkpoint_roundtrip_restores_the_optimizer(tmp_path):
 
 
 def test_a_checkpoint_saved_with_the_blocks_per_layer_loads_stacked(tmp_path):
-    """This backend saved the blocks layer by layer (h.0, h.1, ...) before it stacked them: such a
-    checkpoint resumes, and its weights and moments read, as the same numbers."""
+    """A checkpoint holding the blocks layer by layer (h.0, h.1, ...) resumes, and its weights and moments
+    read, as the same numbers as the stacked one."""
     cfg = twenty_step_config(tmp_path, tmp_path)
     x, y = batch(2, 4)
     state, _ = trained_three_steps_and_saved(BACKEND, cfg, x, y, tmp_path / "stacked")

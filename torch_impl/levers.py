@@ -47,8 +47,7 @@ def choose(cfg: Config, device: torch.device, log: Callable[[str], None] = print
         for name, v in (("gemm", "cublas"), ("head_gemm", "cublas"), ("loss_chunk_rows", FIXED_CHUNK_ROWS),
                         ("threads", torch.get_num_threads())):
             fixed[name] = Choice(v, "device")
-        explicit = {n: c for n, c in explicit.items() if n not in ("gemm", "head_gemm")}  # run.cpu_gemm: CPUs only
-        result = Levers("torch", {n: {**fixed, **explicit}[n] for n in NAMES})
+        result = levers.on_device("torch", fixed, explicit, NAMES)
         result.peak_flops, result.peak_source = accelerator_peak(cfg, device)
         apply(result)  # run.threads: host-side ops still run on the CPU pool (cuBLAS is not a CPU GEMM to set)
         return result
