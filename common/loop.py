@@ -341,7 +341,7 @@ def _train(backend: Backend, cfg: Config, dist: DistInfo, chosen: Levers, loader
     if steady:
         mean_tok_s = o.total_batch_size * len(steady) / sum(steady)
         say(f"done: {o.max_steps - start} steps in {time.perf_counter() - run_start:.1f} s; "
-            f"{mean_tok_s:,.0f} tok/s after warm-up; final val loss {val_loss if val_loss is None else round(val_loss, 4)}")
+            f"{mean_tok_s:,.0f} tok/s after warm-up; final val loss {val_loss if val_loss is None else f'{val_loss:.4f}'}")
     sinks.close()
     samples = []
     if r.num_samples and r.sample_tokens and start < o.max_steps:
