@@ -41,10 +41,10 @@ def bench_config(config: str, shape: str, overrides: Sequence[str], dtype: str |
     return validate(dataclasses.replace(cfg, run=run, optim=optim), devices)
 
 
-def parse_backends(text: str) -> tuple[str, ...]:
+def parse_backends(text: str, allowed: Sequence[str] = BACKENDS) -> tuple[str, ...]:
     backends = tuple(b.strip() for b in text.split(",") if b.strip())
-    if not backends or any(b not in BACKENDS for b in backends):
-        raise ConfigError(f"--backends: expected a subset of {','.join(BACKENDS)}, got '{text}'")
+    if not backends or any(b not in allowed for b in backends):
+        raise ConfigError(f"--backends: expected a subset of {','.join(allowed)}, got '{text}'")
     return backends
 
 

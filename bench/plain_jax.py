@@ -14,7 +14,7 @@ with the shared LR schedule.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -84,7 +84,26 @@ def params_from_common(weights: dict[str, np.ndarray]) -> dict[str, Any]:
     return params
 
 
-def build(cfg: Config, weights: dict[str, np.ndarray]) -> tuple[Callable[[np.ndarray, np.ndarray], jax.Array], str]:
+class Step:
+    """The training state and its jitted step: calling it trains one step; `lower` is the program it runs
+    (parity.profile names the ops of its trace from that program's HLO)."""
+
+    def __init__(self, train_step: Any, params: Any, opt_state: Any):
+        self.train_step, self.params, self.opt_state = train_step, params, opt_state
+
+    def __call__(self, x: np.ndarray, y: np.ndarray) -> jax.Array:
+        self.params, self.opt_state, loss = self.train_step(self.params, self.opt_state, *self._tokens(x, y))
+        return loss
+
+    def lower(self, x: np.ndarray, y: np.ndarray) -> jax.stages.Lowered:
+        return self.train_step.lower(self.params, self.opt_state, *self._tokens(x, y))
+
+    @staticmethod
+    def _tokens(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.asarray(x, np.int32), np.asarray(y, np.int32)
+
+
+def build(cfg: Config, weights: dict[str, np.ndarray]) -> tuple[Step, str]:
     """(step, device kind): `step(x, y)` trains one optimizer step on (accum, rows, T) token arrays and returns
     the mean loss of its micro-batches (before the update), as a device value."""
     model = GPT(cfg.model)
@@ -111,11 +130,5 @@ def build(cfg: Config, weights: dict[str, np.ndarray]) -> tuple[Callable[[np.nda
         return optax.apply_updates(params, updates), opt_state, loss / accum
 
     params = params_from_common(weights)
-    opt_state = tx.init(params)
+    return Step(train_step, params, tx.init(params)), jax.devices()[0].platform
 
-    def step(x: np.ndarray, y: np.ndarray) -> jax.Array:
-        nonlocal params, opt_state
-        params, opt_state, loss = train_step(params, opt_state, np.asarray(x, np.int32), np.asarray(y, np.int32))
-        return loss
-
-    return step, jax.devices()[0].platform

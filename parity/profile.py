@@ -2,7 +2,9 @@
 
 For each backend, in its own process (as parity.bench's workers: same config machinery, the real
 `BACKEND.train_step`, batches from the shared loader): a first step (JAX: compilation), warm-up
-steps, then a few profiled steps, and a top-N table of ops by time per step.
+steps, then a few profiled steps, and a top-N table of ops by time per step. The plain baselines of
+`parity.bench --vs-plain` (`--backends plain_torch,plain_jax`) are profiled the same way, from the
+common init, so a backend's lead over its baseline, or the lack of one, can be traced to ops.
 
 - torch: `torch.profiler` (CPU activity), `key_averages()` by self CPU time.
 - JAX: `jax.profiler.trace` around the steps, then the `.xplane.pb` it writes, read back with
@@ -27,11 +29,11 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from bench import workers
 from bench.pairwise import bench_config, parse_backends
-from bench.trainee import BACKENDS
+from bench.trainee import BACKENDS, TRAINEES
 from common.backend import load_backend
 from common.benchtiming import SHAPES
 from common.config import Config, ConfigError, dump_toml, load_toml
@@ -45,42 +47,76 @@ DEFAULT_WARMUP = 2
 STRUCTURAL = {"parameter", "constant", "bitcast", "tuple", "get-tuple-element", "broadcast", "reshape", "iota"}
 # Op-path components that say nothing about an op (the jitted step, loops, the blocks' common entry);
 # GPT.loss stays: below it and outside GPT.features are the head and the loss.
-NOISE = {"_train_step", "Runtime._train_step", "while", "body", "closed_call", "cond", "GPT.features"}
+NOISE = {"_train_step", "Runtime._train_step", "train_step", "while", "body", "closed_call", "cond", "GPT.features"}
+StepFn = Callable[[Any, Any], Any]  # one training step on an (x, y) batch → its loss
 WRAPPER = re.compile(r"^(?:jvp|transpose|jit|pjit|vmap|remat|checkpoint|custom_jvp_call|custom_vjp_call)\((.*)\)$")
 
 
 # ----------------------------------------------------------------------------------------- children
 
-def child_state(name: str, cfg: Config, warmup: int, steps: int) -> tuple[Any, Any, list[tuple[Any, Any]]]:
-    """The backend, its state after the first step and `warmup` more, and the batches to profile."""
+def child_step(name: str, cfg: Config, warmup: int, steps: int) -> tuple[StepFn, Any, list[tuple[Any, Any]]]:
+    """(step, lower, batches): `step(x, y)` trains one step of `name` (a backend or a plain baseline) and returns
+    its loss, `lower(x, y)` is the jitted program it runs (JAX; None for torch), and the batches to profile.
+    The first step and `warmup` more have run. A plain baseline starts from the common init of the run's seed,
+    as in parity.bench --vs-plain."""
+    from common.backend import DistInfo
     from common.data import loader_for
 
-    b = load_backend(name)
-    dist = b.setup(cfg)
+    if name in BACKENDS:
+        b = load_backend(name)
+        dist = b.setup(cfg)
+        state = b.init_state(cfg, dist)
+
+        def step(x: Any, y: Any) -> Any:
+            nonlocal state
+            state, m = b.train_step(state, x, y)
+            return m["loss"]
+
+        lower = _jax_lower(b.runtime(cfg), lambda: state) if name == "jax" else None
+    else:
+        import importlib
+
+        from common.names import init_weights
+
+        dist = DistInfo()
+        step, _ = importlib.import_module(f"bench.{name}").build(cfg, init_weights(cfg.model, cfg.run.seed))
+        lower = getattr(step, "lower", None)
     loader = loader_for(cfg, dist)
-    state = b.init_state(cfg, dist)
     for _ in range(1 + warmup):  # the first step compiles (JAX) or builds kernels (torch): never profiled
-        state, m = b.train_step(state, *loader.next_step())
-        float(m["loss"])
+        float(step(*loader.next_step()))
     # Batches read before profiling, so the tables hold the step's own ops only (the loader's share of a
     # step is in parity.bench --suite).
-    return b, state, [loader.next_step() for _ in range(steps)]
+    return step, lower, [loader.next_step() for _ in range(steps)]
 
 
-def run_steps(backend: Any, state: Any, batches: list[tuple[Any, Any]]) -> tuple[Any, float]:
+def _jax_lower(rt: Any, state: Callable[[], Any]) -> Callable[[Any, Any], Any]:
+    """Our JAX step's program, lowered with the arguments exactly as BACKEND.train_step passes them, so the jit
+    cache returns the executable the warm-up ran (no second compilation) and the HLO names are the ones the
+    trace's events carry."""
+    import numpy as np
+
+    from jax_impl import dist as jdist
+
+    def lower(x: Any, y: Any) -> Any:
+        x, y = (jdist.put_batch(np.asarray(a).astype(np.int32), rt.batch_sharding) for a in (x, y))
+        return rt.train_step.lower(state(), x, y)
+
+    return lower
+
+
+def run_steps(step: StepFn, batches: list[tuple[Any, Any]]) -> float:
     t0 = time.perf_counter()
     for x, y in batches:
-        state, m = backend.train_step(state, x, y)
-        float(m["loss"])  # the trainer's own sync point, once per step
-    return state, time.perf_counter() - t0
+        float(step(x, y))  # the trainer's own sync point, once per step
+    return time.perf_counter() - t0
 
 
-def torch_profile(cfg: Config, warmup: int, steps: int) -> dict[str, Any]:
+def torch_profile(step: StepFn, batches: list[tuple[Any, Any]]) -> dict[str, Any]:
     from torch.profiler import ProfilerActivity, profile
 
-    backend, state, batches = child_state("torch", cfg, warmup, steps)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        state, wall = run_steps(backend, state, batches)
+        wall = run_steps(step, batches)
+    steps = len(batches)
     ops = [{"name": e.key, "ms_per_step": e.self_cpu_time_total / 1e3 / steps, "calls_per_step": e.count / steps,
             "detail": ""} for e in prof.key_averages() if e.self_cpu_time_total > 0]
     return {"source": "torch.profiler (CPU activity), self CPU time per op name", "per_op_events": True,
@@ -223,27 +259,20 @@ def op_kind(op: str, hlo: HloIndex) -> str:
     return "elementwise"
 
 
-def jax_profile(cfg: Config, warmup: int, steps: int) -> dict[str, Any]:
+def jax_profile(step: StepFn, lower: Callable[[Any, Any], Any], batches: list[tuple[Any, Any]]) -> dict[str, Any]:
     import jax
-    import numpy as np
 
-    from jax_impl import dist as jdist
-
-    backend, state, batches = child_state("jax", cfg, warmup, steps)
-    rt = backend.runtime(cfg)
-    # Arguments exactly as BACKEND.train_step passes them, so the jit cache returns the executable the
-    # warm-up ran (no second compilation) and the HLO names below are the ones the events carry.
-    x0, y0 = (jdist.put_batch(np.asarray(a).astype(np.int32), rt.batch_sharding) for a in batches[0])
-    hlo = parse_hlo(rt.train_step.lower(state, x0, y0).compile().as_text())
+    hlo = parse_hlo(lower(*batches[0]).compile().as_text())
     options = jax.profiler.ProfileOptions()
     options.python_tracer_level = 0  # Python frames are not wanted, and tracing them slows the step
     with tempfile.TemporaryDirectory(prefix="parity-profile-") as tmp:
         with jax.profiler.trace(tmp, profiler_options=options):
-            state, wall = run_steps(backend, state, batches)
+            wall = run_steps(step, batches)
         paths = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)
         if not paths:
             raise RuntimeError(f"jax.profiler.trace wrote no .xplane.pb under {tmp}")
         totals, lines = xplane_ops(paths[0])
+    steps = len(batches)
     main_module = next((m for m, _ in totals if "train_step" in m), "")
     ops, kinds = [], defaultdict(float)
     for (module, op), (ns, count) in totals.items():
@@ -260,7 +289,8 @@ def jax_profile(cfg: Config, warmup: int, steps: int) -> dict[str, Any]:
 def child(name: str, cfg_path: Path, warmup: int, steps: int) -> None:
     channel = workers.answer_channel()
     cfg = load_toml(cfg_path)
-    result = (torch_profile if name == "torch" else jax_profile)(cfg, warmup, steps)
+    step, lower, batches = child_step(name, cfg, warmup, steps)
+    result = torch_profile(step, batches) if lower is None else jax_profile(step, lower, batches)
     result["ops"].sort(key=lambda o: -o["ms_per_step"])
     workers.reply(channel, {"backend": name, "steps": steps, "warmup": warmup, **result})
 
@@ -312,18 +342,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--config", default="default", help="preset or TOML path (default: configs/default.toml)")
     p.add_argument("--shape", choices=tuple(SHAPES), default="tiny", help="a named shape (default tiny)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="compute dtype (default: the config's)")
-    p.add_argument("--backends", default="torch,jax", help="comma-separated subset of torch,jax")
+    p.add_argument("--backends", default="torch,jax",
+                   help=f"comma-separated subset of {','.join(TRAINEES)} (the plain_* are bench/'s plain baselines)")
     p.add_argument("--top", type=int, default=12, help="ops per table")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="profiled steps")
     p.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help="unprofiled steps after the first")
     p.add_argument("--json", type=Path, help="write every op's figures here")
-    p.add_argument("--child", choices=BACKENDS, help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=TRAINEES, help=argparse.SUPPRESS)
     args, overrides = p.parse_known_args(argv)
     if args.child:
         child(args.child, Path(args.config), args.warmup, args.steps)
         return 0
     try:
-        backends = parse_backends(args.backends)
+        backends = parse_backends(args.backends, TRAINEES)
         if args.top < 1 or args.steps < 1 or args.warmup < 0:
             raise ConfigError("--top and --steps must be ≥ 1, --warmup ≥ 0")
         if args.json is not None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+from conftest import tiny_config
 from parity import profile
 
 
@@ -73,4 +74,22 @@ def test_profile_table_lists_the_top_ops_against_the_step_time():
 def test_bad_profile_flags_are_one_line_and_exit_2(capsys):
     assert profile.main(["--backends", "torch,tf"]) == 2
     err = capsys.readouterr().err
-    assert err == "error: --backends: expected a subset of torch,jax, got 'torch,tf'\n"
+    assert err == "error: --backends: expected a subset of torch,jax,plain_torch,plain_jax, got 'torch,tf'\n"
+
+
+def test_profile_runs_a_backend_and_the_plain_baselines_and_names_each_programs_ops(tiny_shards):
+    cfg = tiny_config(tiny_shards)
+    results = profile.profile_config(cfg, ("jax", "plain_jax", "plain_torch"), steps=1, warmup=0)
+    assert list(results) == ["jax", "plain_jax", "plain_torch"]
+    for name, r in results.items():
+        assert r["backend"] == name and r["step_ms"] > 0 and r["ops"], name
+        # Self times on two CPUs at most: counting nested events in full would add up past that. (At this
+        # size dispatch, not the ops, is most of a step, so there is no useful lower bound.)
+        assert 0 < sum(o["ms_per_step"] for o in r["ops"]) < 2.5 * r["step_ms"], name
+    # Each JAX table is described from its own program's HLO: our model's op paths (the chunked loss, the
+    # layer stack) in ours, the plain model's per-layer modules in the baseline's.
+    ours = " ".join(o["detail"] for o in results["jax"]["ops"])
+    plain = " ".join(o["detail"] for o in results["plain_jax"]["ops"])
+    assert "GPT.loss" in ours and "h/mlp/" in ours and "GPT/h_1/" not in ours
+    assert "GPT/h_1/" in plain and "GPT.loss" not in plain
+    assert any(o["name"].startswith("aten::") for o in results["plain_torch"]["ops"])
