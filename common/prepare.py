@@ -361,6 +361,34 @@ def _first_read(documents: Iterable[Document]) -> Iterator[Document]:
     return it if first is None else itertools.chain([first], it)
 
 
+def _first_missing(out: Path) -> Path | None:
+    """The outermost folder of `out` (itself or a parent) that does not exist yet: what this run creates."""
+    missing = None
+    for p in (out, *out.parents):
+        if p.exists():
+            return missing
+        missing = p
+    return missing
+
+
+def _remove_made(out: Path, made: Path) -> None:
+    """Remove the folders a refused run created, from `out` up to `made`, if it wrote nothing in them but its
+    lock (prepare() has already removed its shards), so an error found mid-stream leaves nothing behind."""
+    try:
+        if any(e.name != ".prepare.lock" for e in out.iterdir()):
+            return
+        (out / ".prepare.lock").unlink(missing_ok=True)
+    except OSError:
+        return
+    for p in (out, *out.parents):
+        try:
+            p.rmdir()  # only an empty folder
+        except OSError:
+            return
+        if p == made:
+            return
+
+
 def _derived_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.-]+", "-", text).strip("-.") or "data"
 
@@ -409,10 +437,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.force or _read_manifest(out) is None:  # the source will be read (a prepared folder is kept unread)
             output_file(out / MANIFEST, "--out")  # --out can be made: checked before the source is opened
             documents = _first_read(documents)
+        made = _first_missing(out)
         make_output_dir(out, "--out")
-        _prepare_once(out, args.force, documents=documents, name=name, shard_size=args.shard_size,
-                      val_tokens=val_tokens, workers=args.workers,
-                      source=source, shuffle=not args.hf if args.shuffle is None else args.shuffle, seed=args.seed)
+        try:
+            _prepare_once(out, args.force, documents=documents, name=name, shard_size=args.shard_size,
+                          val_tokens=val_tokens, workers=args.workers, source=source,
+                          shuffle=not args.hf if args.shuffle is None else args.shuffle, seed=args.seed)
+        except INPUT_ERRORS:
+            if made is not None:
+                _remove_made(out, made)
+            raise
     except INPUT_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -60,7 +60,7 @@ class Case:
     argv: Callable[[World, Path], list[str]]  # (world, this case's empty tmp folder) -> argv
     names: Callable[[World, Path], str] | str  # what the error line must contain
     during: Callable[[World, Path], ContextManager] | None = None  # held while main runs (a busy folder)
-    # Found only once the work is under way (a bad token id read with its batch, a bad document mid-stream):
+    # Found only once the work is under way (a bad token id read with its batch):
     # the output folder may exist by then. Every other refusal leaves the case's folder as it was.
     found_late: bool = False
 

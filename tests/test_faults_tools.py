@@ -24,9 +24,9 @@ SMALL_SWEEP = ("--shape", "tiny", "--max-batch", 1, "--steps", 1)
 GPU = ("--dry-run", "--only", "env", "--out", "{tmp}/gpu")
 CASES = [
     Case("prepare-empty-input", PREPARE, args("--input", "{empty_txt}", "--out", "{tmp}/o"),
-         named("{empty_txt}: no text to tokenize"), found_late=True),
+         named("{empty_txt}: no text to tokenize")),
     Case("prepare-invalid-jsonl", PREPARE, args("--input", "{bad_jsonl}", "--out", "{tmp}/o"),
-         named("{bad_jsonl}:2: not valid JSON"), found_late=True),
+         named("{bad_jsonl}:2: not valid JSON")),
     Case("prepare-first-row-without-the-text-field", PREPARE, args("--input", "{untexted_jsonl}", "--out", "{tmp}/o"),
          named("{untexted_jsonl}:1: no string field 'text' (use --text-field)")),
     Case("prepare-out-under-a-file", PREPARE, args("--input", "{bad_jsonl}", "--out", "{a_file}/o"),

@@ -177,9 +177,14 @@ def test_bad_jsonl_line_exit_2(tmp_path, capsys, workers):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{not json\n')
     out = tmp_path / "out"
-    assert run("--input", bad, "--out", out, "--workers", workers) == 2
+    assert run("--input", bad, "--out", out / "a" / "b", "--workers", workers) == 2
     assert "bad.jsonl:2: not valid JSON" in error_line(capsys)
-    assert not (out / "manifest.json").exists() and not list(out.glob("*.bin"))
+    assert not out.exists()  # found mid-stream: the folders the run made are gone with its shards and lock
+    # A folder that was there before keeps what it held, less the refused run's shards.
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert run("--input", bad, "--out", out, "--workers", workers) == 2
+    assert sorted(p.name for p in out.iterdir()) == [".prepare.lock", "notes.txt"]
 
 
 def test_negative_seed_exit_2(tmp_path, txt_dir, capsys):
