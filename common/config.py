@@ -13,7 +13,7 @@ import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from common.precision import DTYPES, PRECISIONS
 from common.usage import Parser
@@ -215,8 +215,10 @@ def load_toml(path: Path, cfg: Config | None = None) -> Config:
     return cfg
 
 
-def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
-    """Apply `--section.key value` / `--section.key=value` pairs; anything else is an error."""
+def parse_overrides(cfg: Config, overrides: Sequence[str]) -> list[tuple[str, str]]:
+    """(`section.key`, value text) of each `--section.key value` / `--section.key=value`, in order; a bare
+    boolean flag (`--run.compile`) means true. Anything else is an error."""
+    pairs = []
     i = 0
     overrides = list(overrides)
     while i < len(overrides):
@@ -230,7 +232,6 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
             dotted = tok[2:]
             nxt = overrides[i + 1] if i + 1 < len(overrides) else None
             if nxt is None or nxt.startswith("--"):
-                # A bare boolean flag (`--run.compile`) means true.
                 section, _, key = dotted.partition(".")
                 if not isinstance(getattr(getattr(cfg, section, None), key, None), bool):
                     raise ConfigError(f"--{dotted}: missing value")
@@ -239,26 +240,37 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
             else:
                 value = nxt
                 i += 2
+        pairs.append((dotted, value))
+    return pairs
+
+
+def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
+    """Apply `--section.key value` / `--section.key=value` pairs (parse_overrides); anything else is an error."""
+    for dotted, value in parse_overrides(cfg, overrides):
         section, _, key = dotted.partition(".")
         cfg = _apply(cfg, section, key, value, f"--{dotted}")
     return cfg
 
 
-def validate_model(m: ModelConfig) -> ModelConfig:
-    """The model section's own checks (shapes that exist); also what a Hugging Face config.json is held to."""
-    for name in ("vocab_size", "padded_vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-        if getattr(m, name) <= 0:
-            raise ConfigError(f"model.{name} must be positive, got {getattr(m, name)}")
+def validate_model(m: ModelConfig, names: Mapping[str, str] | None = None) -> ModelConfig:
+    """The model section's own checks (shapes that exist); also what a Hugging Face config.json is held to.
+    Messages name each field `model.<field>`, or `names[field]` where given (a config.json's own keys)."""
+    def name(key: str) -> str:
+        return (names or {}).get(key, f"model.{key}")
+
+    for key in ("vocab_size", "padded_vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+        if getattr(m, key) <= 0:
+            raise ConfigError(f"{name(key)} must be positive, got {getattr(m, key)}")
     if m.n_embd % m.n_head:
-        raise ConfigError(f"model.n_embd ({m.n_embd}) is not divisible by model.n_head ({m.n_head})")
+        raise ConfigError(f"{name('n_embd')} ({m.n_embd}) is not divisible by {name('n_head')} ({m.n_head})")
     if m.padded_vocab_size < m.vocab_size:
-        raise ConfigError(
-            f"model.padded_vocab_size ({m.padded_vocab_size}) is smaller than model.vocab_size ({m.vocab_size})")
+        raise ConfigError(f"{name('padded_vocab_size')} ({m.padded_vocab_size}) is smaller than "
+                          f"{name('vocab_size')} ({m.vocab_size})")
     if m.loss_chunk_rows < AUTO_CHUNK_ROWS:
-        raise ConfigError(f"model.loss_chunk_rows must be ≥ 0 (0 = unfused head) or -1 (the machine's choice), "
+        raise ConfigError(f"{name('loss_chunk_rows')} must be ≥ 0 (0 = unfused head) or -1 (the machine's choice), "
                           f"got {m.loss_chunk_rows}")
     if not 0.0 <= m.dropout < 1.0:
-        raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
+        raise ConfigError(f"{name('dropout')} must be in [0, 1), got {m.dropout}")
     return m
 
 

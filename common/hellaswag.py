@@ -18,6 +18,8 @@ from typing import Callable
 
 import numpy as np
 
+from common.numbers import is_int
+
 NUM_ENDINGS = 4
 REQUIRED_FIELDS = ("ind", "ctx", "label", "endings")
 
@@ -50,10 +52,9 @@ def _parse(line: str, where: str) -> Example:
         raise HellaSwagError(f"{where}: 'ctx' must be a string")
     if not (isinstance(endings, list) and len(endings) == NUM_ENDINGS and all(isinstance(e, str) for e in endings)):
         raise HellaSwagError(f"{where}: 'endings' must be a list of {NUM_ENDINGS} strings")
-    # bool is an int in Python; a label of `true` is a broken file, not ending 1.
-    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < NUM_ENDINGS:
+    if not is_int(label) or not 0 <= label < NUM_ENDINGS:  # a label of `true` is a broken file, not ending 1
         raise HellaSwagError(f"{where}: 'label' must be an integer in 0..{NUM_ENDINGS - 1}, got {label!r}")
-    if isinstance(ind, bool) or not isinstance(ind, int):
+    if not is_int(ind):
         raise HellaSwagError(f"{where}: 'ind' must be an integer, got {ind!r}")
     return Example(ind=ind, ctx=ctx, endings=tuple(endings), label=label, where=where)
 

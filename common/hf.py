@@ -6,6 +6,7 @@ Writes the latter, which `transformers` loads back with `from_pretrained(folder)
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -14,6 +15,7 @@ import numpy as np
 
 from common.config import ConfigError, ModelConfig, validate_model
 from common.names import check_weights, param_shapes
+from common.numbers import is_int
 from common.usage import first_line
 
 SKIPPED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers, not parameters
@@ -27,6 +29,10 @@ def _pad_to(n: int, multiple: int = 64) -> int:
     return (n + multiple - 1) // multiple * multiple
 
 
+# ModelConfig's fields as a config.json names them, for its validation messages.
+HF_KEYS = {f.name: f.name for f in dataclasses.fields(ModelConfig)} | {"block_size": "n_positions"}
+
+
 def config_from_hf(hf: dict, source: str, padded_vocab_size: int | None = None) -> ModelConfig:
     if not isinstance(hf, dict):
         raise HFError(f"{source}: not a GPT-2 config (a JSON object of GPT2Config fields)")
@@ -34,7 +40,7 @@ def config_from_hf(hf: dict, source: str, padded_vocab_size: int | None = None) 
         raise HFError(f"{source}: model_type is {hf.get('model_type')!r}, expected 'gpt2'")
     sizes = {}  # checked first: the checks below compute with them
     for key in ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd"):
-        if isinstance(hf[key], bool) or not isinstance(hf[key], int):
+        if not is_int(hf[key]):
             raise HFError(f"{source}: {key} must be an integer, got {json.dumps(hf[key])}")
         sizes[key] = hf[key]
     act = hf.get("activation_function", "gelu_new")
@@ -57,9 +63,9 @@ def config_from_hf(hf: dict, source: str, padded_vocab_size: int | None = None) 
                       block_size=sizes["n_positions"], n_layer=sizes["n_layer"], n_head=sizes["n_head"],
                       n_embd=sizes["n_embd"], dropout=0.0, bias=True)
     try:
-        return validate_model(cfg)
-    except ConfigError as e:  # named by the file's own keys
-        raise HFError(f"{source}: " + str(e).replace("model.block_size", "n_positions").replace("model.", "")) from None
+        return validate_model(cfg, names=HF_KEYS)
+    except ConfigError as e:
+        raise HFError(f"{source}: {e}") from None
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:

@@ -26,7 +26,6 @@ import dataclasses
 import datetime
 import hashlib
 import json
-import math
 import os
 import platform
 import re
@@ -39,6 +38,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 from common.config import AUTO_CHUNK_ROWS, GEMM_PATHS, LEVER_MODES, Config, ConfigError
 from common.cpuinfo import cpuinfo_field
 from common.launch import allocator_setting
+from common.numbers import is_finite_number, is_int
 
 # run.levers: auto probes a machine the first time it is seen and reads the cache afterwards; probe
 # times again and rewrites the cache; fixed takes fixed rules without timing or caching anything (the
@@ -232,7 +232,7 @@ def read_cache(path: Path, machine: Machine) -> dict[str, Any]:
 
 
 def _is_int(v: Any, low: int) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+    return is_int(v) and v >= low
 
 
 _CHOSEN_GEMMS = set(GEMM_PATHS) - {"auto"}
@@ -247,8 +247,7 @@ def _valid_entry(e: Any) -> bool:
 
 
 def _valid_peak(p: Any) -> bool:
-    return (isinstance(p, dict) and isinstance(p.get("flops"), (int, float)) and not isinstance(p["flops"], bool)
-            and math.isfinite(p["flops"]) and p["flops"] > 0 and isinstance(p.get("how"), str)
+    return (isinstance(p, dict) and is_finite_number(p.get("flops")) and p["flops"] > 0 and isinstance(p.get("how"), str)
             and isinstance(p.get("probed"), str))
 
 

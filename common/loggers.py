@@ -8,13 +8,13 @@ Neither package is a dependency: setting a flag without its package is a one-lin
 """
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any, Protocol
 
 from common.config import Config, ConfigError
 from common.usage import first_line
+from common.numbers import is_finite_number
 
 TENSORBOARD_SUBDIR = "tensorboard"
 
@@ -34,7 +34,7 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
         if isinstance(value, dict):
             for sub, v in scalars(value).items():
                 out[f"{key}/{sub}"] = v
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        elif is_finite_number(value):
             out[key] = float(value)
     return out
 

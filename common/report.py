@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 
 from common.records import RecordsError, read_records
 from common.usage import Parser, UsageError
+from common.numbers import is_finite_number
 
 METRICS_FILE = "metrics.jsonl"
 WARMUP_STEPS = 2  # the first steps include compilation; excluded from throughput, as in common/loop.py
@@ -65,7 +66,7 @@ def load_run(run: str | Path, label: str | None = None) -> Run:
 
 def _num(rec: dict[str, Any], key: str) -> float | None:
     v = rec.get(key)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+    if not is_finite_number(v):
         return None
     return float(v)
 
@@ -250,7 +251,7 @@ def _diagnostic(run: Run, key: str) -> dict[str, tuple[list[int], list[float]]]:
         if not isinstance(d, dict):
             continue
         for name, v in d.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            if is_finite_number(v):
                 xs, ys = curves.setdefault(name, ([], []))
                 xs.append(int(r["step"]) + 1)
                 ys.append(float(v))

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 
 from common.cli import INPUT_ERRORS, Parser
-from common.config import ConfigError, apply_overrides, load_toml, resolve_config_path, validate
+from common.config import ConfigError, apply_overrides, load_toml, parse_overrides, resolve_config_path, validate
 from common.data import DataLoader
 from common.loop import ensure_data
 from common.outdir import output_file, write_output
@@ -152,11 +152,10 @@ SET_BY_CHECK = {"run.dtype": "use --dtype", "run.compile": "the check runs eager
 
 
 def build_config(args: argparse.Namespace, overrides: list[str]):
-    for tok in overrides:
-        name = tok.removeprefix("--").split("=", 1)[0]
+    cfg = load_toml(resolve_config_path(args.config))
+    for name, _ in parse_overrides(cfg, overrides):
         if name in SET_BY_CHECK:
             raise ConfigError(f"--{name}: parity.check sets it ({SET_BY_CHECK[name]})")
-    cfg = load_toml(resolve_config_path(args.config))
     cfg = apply_overrides(cfg, overrides)
     cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, max_steps=max(args.steps, 1)),
                               run=dataclasses.replace(cfg.run, dtype=args.dtype, compile=False, devices=1))
