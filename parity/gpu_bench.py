@@ -26,6 +26,7 @@ from typing import Any
 
 from common.config import dump_toml, grad_accum_steps, load_toml
 from common.plan import flops_per_token
+from common.usage import first_line
 from parity.gpu_options import ROOT, Options, child_env
 from parity.gpu_sections import bf16_peak_flops, model_config, say
 
@@ -116,7 +117,7 @@ def worker(name: str, cfg_path: Path, dump_dir: Path) -> int:
     except Exception as e:
         if not is_oom(e):
             raise
-        answer({"status": "oom", "error": (str(e).strip().splitlines() or [type(e).__name__])[0][:300]})
+        answer({"status": "oom", "error": first_line(e)[:300]})
         return EXIT_OOM
     answer({"status": "ready", "first_step_s": first, "device": dist.device})
     for line in sys.stdin:
@@ -135,7 +136,7 @@ def worker(name: str, cfg_path: Path, dump_dir: Path) -> int:
                 out["attention"] = torch_attention(backend, state, x, y) if name == "torch" else \
                     jax_attention(dump_dir)
             except Exception as e:  # a finding for the report, not a reason to lose the figures
-                out["attention"] = {"implementation": "unknown", "error": f"{type(e).__name__}: {str(e)[:300]}"}
+                out["attention"] = {"implementation": "unknown", "error": f"{type(e).__name__}: {first_line(e)[:300]}"}
             answer(out)
             return 0
     return 0

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from common.config import Config, apply_overrides, load_toml, resolve_config_path, validate
+from common.usage import first_line
 from parity.gpu_options import REPORT_JSON, Options
 
 # GPT-2 124M at T=1024 in bf16, the shape GPU users compare; the dry run keeps the GPT-2 vocabulary (the corpus's)
@@ -191,7 +192,7 @@ def section_peaks(opts: Options, work: Path) -> dict[str, Any]:
                 try:
                     tflops = gemm(n, kind) / 1e12
                 except Exception as e:  # one framework's failure must not hide the other's figures
-                    failures.append(f"{framework} {kind} N={n}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                    failures.append(f"{framework} {kind} N={n}: {type(e).__name__}: {first_line(e)[:200]}")
                     continue
                 rows.append({"framework": framework, "kind": kind, "n": n, "tflops": tflops})
                 say(f"{framework:5} {kind:4} N={n}: {tflops:,.2f} TFLOP/s")

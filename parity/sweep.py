@@ -29,6 +29,7 @@ from common.backend import load_backend
 from common.benchtiming import DEFAULT_SHAPE, SHAPES, random_tokens, shaped_config
 from common.cli import Parser, UsageError
 from common.config import Config, ConfigError, dump_toml, load_toml, validate
+from common.usage import first_line
 
 EXIT_OOM, EXIT_GUARD = 3, 4
 WARMUP_STEPS = 2  # compilation, and torch's allocator settling: the first two steps are not timed
@@ -114,8 +115,7 @@ def child_main(args: argparse.Namespace) -> int:
         return 0
     except Exception as e:  # an OOM ends this try only; anything else is a real error for the parent to show
         if is_oom(e):
-            workers.reply(channel, {"status": "oom", "error": str(e).strip().splitlines()[0][:300] if str(e).strip()
-                                    else type(e).__name__})
+            workers.reply(channel, {"status": "oom", "error": first_line(e)[:300]})
             return EXIT_OOM
         raise
 
