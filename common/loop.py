@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -60,6 +61,14 @@ def resolve_out_dir(cfg: Config, backend: Backend) -> Path:
     return Path(cfg.run.out_dir.replace("{backend}", backend.name))
 
 
+def launch_rank() -> int:
+    """This process's rank as its launcher set it: torchrun's RANK, else JAX_PROCESS_ID (a JAX launch), else 0.
+    RANK wins, so only the variable that decides is read (a malformed one is a UsageError naming it)."""
+    if os.environ.get("RANK", "").strip():
+        return env_int("RANK", None)
+    return env_int("JAX_PROCESS_ID", 0)
+
+
 def ensure_data(cfg: Config, log: Callable[..., None]) -> None:
     """Prepare the embedded default corpus on first use; any other folder must already exist."""
     folder = Path(cfg.data.dir)
@@ -68,8 +77,7 @@ def ensure_data(cfg: Config, log: Callable[..., None]) -> None:
     from common.prepare import ensure_default_data, is_current
     if is_current(folder):
         return
-    rank = env_int("RANK", env_int("JAX_PROCESS_ID", 0))
-    if rank == 0:
+    if launch_rank() == 0:
         log(f"preparing the default corpus (Python {sys.version.split()[0]} standard library) into {folder} ...")
         ensure_default_data(str(folder))
     else:  # other ranks wait for rank 0's manifest rather than tokenizing the same files again

@@ -263,3 +263,20 @@ def test_backend_line_says_how_the_step_is_compiled(tiny_shards, tmp_path, name,
     train(backend, config(tiny_shards, tmp_path, max_steps=1, compile=flag), log=lambda *a, **k: lines.append(a[0]))
     [line] = [s for s in lines if s.startswith("backend: ")]
     assert f"dtype fp32, {label}; MFU" in line
+
+
+def test_launch_rank_reads_rank_first_and_names_a_malformed_variable(monkeypatch):
+    from common.loop import launch_rank
+    from common.usage import UsageError
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("JAX_PROCESS_ID", raising=False)
+    assert launch_rank() == 0
+    monkeypatch.setenv("JAX_PROCESS_ID", "3")
+    assert launch_rank() == 3
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("JAX_PROCESS_ID", "not-a-number")  # RANK decides: the other is not read
+    assert launch_rank() == 1
+    monkeypatch.setenv("RANK", "x")
+    with pytest.raises(UsageError, match="RANK: expected an integer, got 'x'"):
+        launch_rank()
