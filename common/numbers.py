@@ -12,5 +12,10 @@ def is_int(v: Any) -> bool:
 
 
 def is_finite_number(v: Any) -> bool:
-    """An int or float that is finite, not a bool."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    """An int or float that is finite as a float, not a bool (JSON's integers have no size limit)."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int too large for a float
+        return False

@@ -300,10 +300,21 @@ def _stats(manifest: dict) -> str:
 
 @contextlib.contextmanager
 def _locked(out_dir: Path):
-    """One preparer per folder: under torchrun every rank calls ensure_default_data at once."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / ".prepare.lock", "a") as f:  # "a": no truncation, so a no-op re-run changes no mtime
+    """One preparer per folder: under torchrun every rank calls ensure_default_data at once. A refused run
+    removes the folder it created, lock file included, while it holds the lock (_remove_made): a run that
+    was waiting then holds a lock on a file no longer there, so it makes the folder and its lock again."""
+    lock = out_dir / ".prepare.lock"
+    while True:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        f = open(lock, "a")  # "a": no truncation, so a no-op re-run changes no mtime
         fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            if os.stat(lock).st_ino == os.fstat(f.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        f.close()
+    with f:
         yield
 
 
@@ -321,8 +332,10 @@ def is_current(folder: str | Path) -> bool:
     return manifest is not None and (manifest.get("split") or {}).get("rule") == SPLIT_RULE
 
 
-def _prepare_once(out_dir: Path, force: bool, redo_older: bool = False, **kwargs) -> dict:
-    """Prepare unless a manifest is there; `redo_older` also redoes one made by an older split rule."""
+def _prepare_once(out_dir: Path, force: bool, redo_older: bool = False, made: Path | None = None,
+                  **kwargs) -> dict:
+    """Prepare unless a manifest is there; `redo_older` also redoes one made by an older split rule. `made`:
+    the outermost folder of out_dir this run created, removed again if the preparation fails."""
     with _locked(out_dir):
         manifest = _read_manifest(out_dir)
         if manifest is not None and not force:
@@ -334,7 +347,12 @@ def _prepare_once(out_dir: Path, force: bool, redo_older: bool = False, **kwargs
                 return manifest
             print(f"{out_dir}: prepared by an older rule (val = the first tokens, documents in input order); "
                   f"preparing it again")
-        return prepare(out_dir=out_dir, **kwargs)
+        try:
+            return prepare(out_dir=out_dir, **kwargs)
+        except BaseException:
+            if made is not None:
+                _remove_made(out_dir, made)
+            raise
 
 
 def _stdlib_source() -> dict:
@@ -362,7 +380,9 @@ def _first_read(documents: Iterable[Document]) -> Iterator[Document]:
 
 
 def _first_missing(out: Path) -> Path | None:
-    """The outermost folder of `out` (itself or a parent) that does not exist yet: what this run creates."""
+    """The outermost folder of `out` (itself or a parent) that does not exist yet: what this run creates.
+    Found on the real path (`x/../y` is `y`, through any links), as mkdir will walk it."""
+    out = Path(os.path.realpath(out))
     missing = None
     for p in (out, *out.parents):
         if p.exists():
@@ -373,7 +393,9 @@ def _first_missing(out: Path) -> Path | None:
 
 def _remove_made(out: Path, made: Path) -> None:
     """Remove the folders a refused run created, from `out` up to `made`, if it wrote nothing in them but its
-    lock (prepare() has already removed its shards), so an error found mid-stream leaves nothing behind."""
+    lock (prepare() has already removed its shards), so an error found mid-stream leaves nothing behind.
+    Called under the lock (see _locked)."""
+    out = Path(os.path.realpath(out))
     try:
         if any(e.name != ".prepare.lock" for e in out.iterdir()):
             return
@@ -439,14 +461,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             documents = _first_read(documents)
         made = _first_missing(out)
         make_output_dir(out, "--out")
-        try:
-            _prepare_once(out, args.force, documents=documents, name=name, shard_size=args.shard_size,
-                          val_tokens=val_tokens, workers=args.workers, source=source,
-                          shuffle=not args.hf if args.shuffle is None else args.shuffle, seed=args.seed)
-        except INPUT_ERRORS:
-            if made is not None:
-                _remove_made(out, made)
-            raise
+        _prepare_once(out, args.force, made=made, documents=documents, name=name, shard_size=args.shard_size,
+                      val_tokens=val_tokens, workers=args.workers, source=source,
+                      shuffle=not args.hf if args.shuffle is None else args.shuffle, seed=args.seed)
     except INPUT_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -136,7 +136,7 @@ def worker(name: str, cfg_path: Path, dump_dir: Path) -> int:
                 out["attention"] = torch_attention(backend, state, x, y) if name == "torch" else \
                     jax_attention(dump_dir)
             except Exception as e:  # a finding for the report, not a reason to lose the figures
-                out["attention"] = {"implementation": "unknown", "error": f"{type(e).__name__}: {first_line(e)[:300]}"}
+                out["attention"] = {"implementation": "unknown", "error": f"{type(e).__name__}: {str(e)[:300]}"}
             answer(out)
             return 0
     return 0

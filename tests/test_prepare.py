@@ -185,6 +185,54 @@ def test_bad_jsonl_line_exit_2(tmp_path, capsys, workers):
     (out / "notes.txt").write_text("mine")
     assert run("--input", bad, "--out", out, "--workers", workers) == 2
     assert sorted(p.name for p in out.iterdir()) == [".prepare.lock", "notes.txt"]
+    # What existed is judged on the real path: `x/../empty` is an empty folder that was there, and stays.
+    (tmp_path / "empty").mkdir()
+    assert run("--input", bad, "--out", tmp_path / "x" / ".." / "empty", "--workers", workers) == 2
+    assert (tmp_path / "empty").is_dir()
+
+
+def test_a_run_waiting_on_a_refused_run_keeps_the_folder_to_itself(tmp_path, monkeypatch, capsys):
+    """A refused run removes the folder it made, lock file included, while a second run waits for its lock:
+    the second run makes the folder and lock again, and a third run still has to wait for it."""
+    import fcntl
+    import threading
+
+    go, out, src = threading.Event(), tmp_path / "o", tmp_path / "a.txt"
+    src.write_text("hello\n")
+
+    def documents(paths, field):
+        yield "a first document"
+        go.wait(10)
+        raise P.PrepareError("a bad row mid-stream")
+
+    monkeypatch.setattr(P, "input_documents", documents)
+    refused = threading.Thread(target=P.main, args=(["--input", str(src), "--out", str(out), "--workers", "1"],))
+    refused.start()
+    while True:  # until the refused run holds its lock
+        if (out / ".prepare.lock").exists():
+            with open(out / ".prepare.lock", "a") as probe:
+                try:
+                    fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    break
+        threading.Event().wait(0.01)
+    held, release = threading.Event(), threading.Event()
+
+    def waiting_run():
+        with P._locked(out):
+            held.set()
+            release.wait(10)
+
+    waiter = threading.Thread(target=waiting_run)
+    waiter.start()
+    go.set()
+    refused.join(10)
+    assert held.wait(10) and out.is_dir()
+    with open(out / ".prepare.lock", "a") as third, pytest.raises(BlockingIOError):
+        fcntl.flock(third, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    release.set()
+    waiter.join(10)
+    assert "a bad row mid-stream" in capsys.readouterr().err
 
 
 def test_negative_seed_exit_2(tmp_path, txt_dir, capsys):

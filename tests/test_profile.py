@@ -77,10 +77,10 @@ def test_bad_profile_flags_are_one_line_and_exit_2(capsys):
     assert err == "error: --backends: expected a subset of torch,jax,plain_torch,plain_jax, got 'torch,tf'\n"
 
 
-def test_profile_runs_a_backend_and_the_plain_baselines_and_names_each_programs_ops(tiny_shards):
+def test_profile_runs_both_backends_and_the_plain_baselines_and_names_each_programs_ops(tiny_shards):
     cfg = tiny_config(tiny_shards)
-    results = profile.profile_config(cfg, ("jax", "plain_jax", "plain_torch"), steps=1, warmup=0)
-    assert list(results) == ["jax", "plain_jax", "plain_torch"]
+    results = profile.profile_config(cfg, ("jax", "plain_jax", "torch", "plain_torch"), steps=1, warmup=0)
+    assert list(results) == ["jax", "plain_jax", "torch", "plain_torch"]
     for name, r in results.items():
         assert r["backend"] == name and r["step_ms"] > 0 and r["ops"], name
         # Self times on two CPUs at most: counting nested events in full would add up past that. (At this
@@ -92,4 +92,5 @@ def test_profile_runs_a_backend_and_the_plain_baselines_and_names_each_programs_
     plain = " ".join(o["detail"] for o in results["plain_jax"]["ops"])
     assert "GPT.loss" in ours and "h/mlp/" in ours and "GPT/h_1/" not in ours
     assert "GPT/h_1/" in plain and "GPT.loss" not in plain
-    assert any(o["name"].startswith("aten::") for o in results["plain_torch"]["ops"])
+    for name in ("torch", "plain_torch"):
+        assert any(o["name"].startswith("aten::") for o in results[name]["ops"]), name
