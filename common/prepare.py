@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import platform
 import re
+import shutil
 import sys
 import sysconfig
 import time
@@ -31,7 +32,7 @@ from tqdm import tqdm
 
 from common.cli import INPUT_ERRORS, Parser
 from common.outdir import make_output_dir, output_file
-from common.shards import MAGIC, MAX_SHARD_TOKENS, VERSION, ShardError, write_shard
+from common.shards import MAGIC, MAX_SHARD_TOKENS, VERSION, write_shard
 from common.sources import (Document, PrepareError, describe, hf_documents, input_documents, read_document,
                             stdlib_documents, undecodable_warning)
 from common.tokenizer import EOT, VOCAB_SIZE, get_tokenizer
@@ -223,11 +224,15 @@ def prepare(documents: Iterable[Document], out_dir: str | Path, name: str, shard
     check_options(name, shard_size, val_tokens, workers, seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _clear(out_dir, name)
+    # The new shards are written aside and replace the folder's old ones only once all are written, so a
+    # redo (--force) that fails keeps the last good preparation.
+    staging = out_dir / f".{name}.staging"
+    shutil.rmtree(staging, ignore_errors=True)  # what a killed run left
+    staging.mkdir()
     workers = workers or os.cpu_count() or 1
     tok = get_tokenizer()  # built before forking so workers inherit it instead of each loading the ranks
-    writer = _ShardWriter(out_dir, name, shard_size)
-    held = _Held(out_dir / f"{name}.documents.tmp")
+    writer = _ShardWriter(staging, name, shard_size)
+    held = _Held(staging / f"{name}.documents.tmp")
     held_limit = None if shuffle else VAL_POOL * val_tokens
     split = None  # the manifest's record of the split, once drawn
     text_tokens, undecodable = 0, []
@@ -257,12 +262,16 @@ def prepare(documents: Iterable[Document], out_dir: str | Path, name: str, shard
             if split is None:
                 split = held.place(writer, val_tokens, seed, shuffle)
             writer.close()
-        except (PrepareError, ShardError):
+        except BaseException:
             bar.leave = False  # on a terminal: the bar's line is cleared, so the error stands alone
-            _clear(out_dir, name)
-            raise
-        finally:
             held.discard()
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    held.discard()
+    _clear(out_dir, name)
+    for shard in writer.shards:
+        os.replace(staging / shard["file"], out_dir / shard["file"])
+    staging.rmdir()
     seconds = time.perf_counter() - start
     shards = writer.shards
     totals = {"documents": sum(s["documents"] for s in shards), "tokens": sum(s["tokens"] for s in shards),

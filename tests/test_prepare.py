@@ -235,6 +235,18 @@ def test_a_run_waiting_on_a_refused_run_keeps_the_folder_to_itself(tmp_path, mon
     assert "a bad row mid-stream" in capsys.readouterr().err
 
 
+def test_a_failed_redo_keeps_the_last_preparation(tmp_path, txt_dir, capsys):
+    out = tmp_path / "out"
+    assert run("--input", txt_dir, "--out", out, "--name", "corpus", "--val-tokens", 5, "--shard-size", 7) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{not json\n')
+    capsys.readouterr()
+    assert run("--input", bad, "--out", out, "--name", "corpus", "--force") == 2
+    assert "bad.jsonl:2: not valid JSON" in error_line(capsys)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # staging gone, old shards untouched
+
+
 def test_negative_seed_exit_2(tmp_path, txt_dir, capsys):
     assert run("--input", txt_dir, "--out", tmp_path / "out", "--seed", -3) == 2
     assert error_line(capsys) == "error: --seed must be >= 0 (got -3)"
