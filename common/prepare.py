@@ -35,7 +35,7 @@ from common.outdir import make_output_dir, output_file
 from common.shards import MAGIC, MAX_SHARD_TOKENS, VERSION, write_shard
 from common.sources import (Document, PrepareError, describe, hf_documents, input_documents, read_document,
                             stdlib_documents, undecodable_warning)
-from common.tokenizer import EOT, VOCAB_SIZE, get_tokenizer
+from common.tokenizer import EOT, VOCAB_SIZE, GPT2Tokenizer, get_tokenizer
 
 MANIFEST = "manifest.json"
 DEFAULT_FOLDER = "data/stdlib"
@@ -208,27 +208,11 @@ def check_options(name: str, shard_size: int, val_tokens: int, workers: int | No
         raise PrepareError(f"--seed must be >= 0 (got {seed})")
 
 
-def prepare(documents: Iterable[Document], out_dir: str | Path, name: str, shard_size: int = DEFAULT_SHARD_SIZE,
-            val_tokens: int = DEFAULT_VAL_TOKENS, workers: int | None = None, source: str | dict = "",
-            verbose: bool = True, shuffle: bool = True, seed: int = DEFAULT_SEED) -> dict:
-    """Tokenize `documents` (texts, or Paths read as UTF-8) into shards + manifest; returns the manifest.
-
-    The val shard is a random sample of whole documents, the first of a permutation seeded by `seed`
-    that hold ≥ val_tokens tokens. Train holds the other documents, in that permutation's order when
-    `shuffle`, else in input order. Shuffling holds every document in a temporary file until the end;
-    without it only the first VAL_POOL × val_tokens tokens are held and the val sample is drawn from
-    them (an unshuffled source is one that is shuffled already), so a corpus of any size streams.
-    The output is byte-identical for any worker count (`imap` returns chunks in input order) and, for
-    the same inputs and seed, between runs.
-    """
-    check_options(name, shard_size, val_tokens, workers, seed)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # The new shards are written aside and replace the folder's old ones only once all are written, so a
-    # redo (--force) that fails keeps the last good preparation.
-    staging = out_dir / f".{name}.staging"
-    shutil.rmtree(staging, ignore_errors=True)  # what a killed run left
-    staging.mkdir()
+def _tokenize_into(staging: Path, documents: Iterable[Document], name: str, shard_size: int, val_tokens: int,
+                   workers: int | None, source: str | dict, verbose: bool, shuffle: bool, seed: int
+                   ) -> tuple[GPT2Tokenizer, _ShardWriter, dict, list[tuple[str, float]]]:
+    """Tokenize `documents` into shards in `staging`: (tokenizer, writer with its shards, the split's
+    record, and the files with undecodable bytes with their share of them)."""
     workers = workers or os.cpu_count() or 1
     tok = get_tokenizer()  # built before forking so workers inherit it instead of each loading the ranks
     writer = _ShardWriter(staging, name, shard_size)
@@ -236,8 +220,8 @@ def prepare(documents: Iterable[Document], out_dir: str | Path, name: str, shard
     held_limit = None if shuffle else VAL_POOL * val_tokens
     split = None  # the manifest's record of the split, once drawn
     text_tokens, undecodable = 0, []
-    start = time.perf_counter()
     with contextlib.ExitStack() as stack:
+        stack.callback(held.discard)
         if workers == 1:
             encoded = map(_encode_chunk, _chunks(documents))
         else:
@@ -264,10 +248,38 @@ def prepare(documents: Iterable[Document], out_dir: str | Path, name: str, shard
             writer.close()
         except BaseException:
             bar.leave = False  # on a terminal: the bar's line is cleared, so the error stands alone
-            held.discard()
-            shutil.rmtree(staging, ignore_errors=True)
             raise
-    held.discard()
+    return tok, writer, split, undecodable
+
+
+def prepare(documents: Iterable[Document], out_dir: str | Path, name: str, shard_size: int = DEFAULT_SHARD_SIZE,
+            val_tokens: int = DEFAULT_VAL_TOKENS, workers: int | None = None, source: str | dict = "",
+            verbose: bool = True, shuffle: bool = True, seed: int = DEFAULT_SEED) -> dict:
+    """Tokenize `documents` (texts, or Paths read as UTF-8) into shards + manifest; returns the manifest.
+
+    The val shard is a random sample of whole documents, the first of a permutation seeded by `seed`
+    that hold ≥ val_tokens tokens. Train holds the other documents, in that permutation's order when
+    `shuffle`, else in input order. Shuffling holds every document in a temporary file until the end;
+    without it only the first VAL_POOL × val_tokens tokens are held and the val sample is drawn from
+    them (an unshuffled source is one that is shuffled already), so a corpus of any size streams.
+    The output is byte-identical for any worker count (`imap` returns chunks in input order) and, for
+    the same inputs and seed, between runs.
+    """
+    check_options(name, shard_size, val_tokens, workers, seed)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # The new shards are written aside and replace the folder's old ones only once all are written, so a
+    # redo (--force) that fails keeps the last good preparation.
+    staging = out_dir / f".{name}.staging"
+    shutil.rmtree(staging, ignore_errors=True)  # what a killed run left
+    start = time.perf_counter()
+    try:
+        staging.mkdir()
+        tok, writer, split, undecodable = _tokenize_into(staging, documents, name, shard_size, val_tokens,
+                                                         workers, source, verbose, shuffle, seed)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     _clear(out_dir, name)
     for shard in writer.shards:
         os.replace(staging / shard["file"], out_dir / shard["file"])
@@ -315,7 +327,10 @@ def _locked(out_dir: Path):
     lock = out_dir / ".prepare.lock"
     while True:
         out_dir.mkdir(parents=True, exist_ok=True)
-        f = open(lock, "a")  # "a": no truncation, so a no-op re-run changes no mtime
+        try:
+            f = open(lock, "a")  # "a": no truncation, so a no-op re-run changes no mtime
+        except FileNotFoundError:  # the folder was removed between the two calls
+            continue
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             if os.stat(lock).st_ino == os.fstat(f.fileno()).st_ino:
@@ -346,6 +361,8 @@ def _prepare_once(out_dir: Path, force: bool, redo_older: bool = False, made: Pa
     """Prepare unless a manifest is there; `redo_older` also redoes one made by an older split rule. `made`:
     the outermost folder of out_dir this run created, removed again if the preparation fails."""
     with _locked(out_dir):
+        for stale in out_dir.glob(".*.staging"):  # a killed run's: no other run is preparing here now
+            shutil.rmtree(stale, ignore_errors=True)
         manifest = _read_manifest(out_dir)
         if manifest is not None and not force:
             older = not is_current(out_dir)

@@ -196,6 +196,7 @@ def test_a_run_waiting_on_a_refused_run_keeps_the_folder_to_itself(tmp_path, mon
     the second run makes the folder and lock again, and a third run still has to wait for it."""
     import fcntl
     import threading
+    import time
 
     go, out, src = threading.Event(), tmp_path / "o", tmp_path / "a.txt"
     src.write_text("hello\n")
@@ -208,7 +209,8 @@ def test_a_run_waiting_on_a_refused_run_keeps_the_folder_to_itself(tmp_path, mon
     monkeypatch.setattr(P, "input_documents", documents)
     refused = threading.Thread(target=P.main, args=(["--input", str(src), "--out", str(out), "--workers", "1"],))
     refused.start()
-    while True:  # until the refused run holds its lock
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # until the refused run holds its lock
         if (out / ".prepare.lock").exists():
             with open(out / ".prepare.lock", "a") as probe:
                 try:
@@ -216,6 +218,8 @@ def test_a_run_waiting_on_a_refused_run_keeps_the_folder_to_itself(tmp_path, mon
                 except BlockingIOError:
                     break
         threading.Event().wait(0.01)
+    else:
+        pytest.fail("the refused run never took its lock")
     held, release = threading.Event(), threading.Event()
 
     def waiting_run():
@@ -245,6 +249,21 @@ def test_a_failed_redo_keeps_the_last_preparation(tmp_path, txt_dir, capsys):
     assert run("--input", bad, "--out", out, "--name", "corpus", "--force") == 2
     assert "bad.jsonl:2: not valid JSON" in error_line(capsys)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # staging gone, old shards untouched
+    # A killed redo's staging folder goes with the next run, even one that finds the folder prepared.
+    (out / ".corpus.staging").mkdir()
+    (out / ".corpus.staging" / "corpus_train_000001.bin").write_bytes(b"partial")
+    assert run("--input", txt_dir, "--out", out, "--name", "corpus") == 0
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_run_stopped_before_its_first_shard_leaves_nothing(tmp_path, txt_dir, monkeypatch):
+    def stopped():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(P, "get_tokenizer", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        P.main(["--input", str(txt_dir), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
 
 
 def test_negative_seed_exit_2(tmp_path, txt_dir, capsys):
