@@ -32,12 +32,11 @@ from tqdm import tqdm
 
 from common.cli import INPUT_ERRORS, Parser
 from common.outdir import make_output_dir, output_file
-from common.shards import MAGIC, MAX_SHARD_TOKENS, VERSION, write_shard
+from common.shards import MAGIC, MANIFEST, MAX_SHARD_TOKENS, VERSION, write_shard
 from common.sources import (Document, PrepareError, describe, hf_documents, input_documents, read_document,
                             stdlib_documents, undecodable_warning)
 from common.tokenizer import EOT, VOCAB_SIZE, GPT2Tokenizer, get_tokenizer
 
-MANIFEST = "manifest.json"
 DEFAULT_FOLDER = "data/stdlib"
 DEFAULT_SHARD_SIZE = 100_000_000
 DEFAULT_VAL_TOKENS = 100_000_000  # build-nanogpt's first shard

@@ -10,6 +10,7 @@ llm.c and modded-nanogpt read only slots 0-2, so our shards load there unchanged
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ TOKEN_DTYPE = np.dtype("<u2")
 DEFAULT_VOCAB = 50257  # assumed for shards that do not record it (llm.c, build-nanogpt .npy)
 DEFAULT_EOT = 50256
 SHARD_SUFFIXES = (".bin", ".npy")
+MANIFEST = "manifest.json"  # common.prepare's record of a folder's shards, written last
 
 
 class ShardError(ValueError):
@@ -125,10 +127,28 @@ def read_shard(path: str | os.PathLike, vocab_size: int | None = None, check_ids
 
 
 def list_shards(folder: str | os.PathLike, split: str) -> list[Path]:
-    """Shards of one split in a folder, by name order: `*_{split}_*.bin` (ours, llm.c) or `*_{split}_*.npy`."""
+    """Shards of one split in a folder, by name order: `*_{split}_*.bin` (ours, llm.c) or `*_{split}_*.npy`.
+    A folder common.prepare made holds a manifest: then its shards of the split are exactly those it lists,
+    so another preparation's shards left in the folder (another --name) never join the corpus."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ShardError(f"{folder}: shard folder does not exist")
     files = sorted(p for p in folder.iterdir()
                    if p.suffix in SHARD_SUFFIXES and f"_{split}_" in p.name and not p.name.endswith(".tmp"))
-    return files
+    listed = _listed_in_manifest(folder, split)
+    if listed is None:
+        return files
+    missing = sorted(listed - {p.name for p in files})
+    if missing:
+        raise ShardError(f"{folder / missing[0]}: listed in {MANIFEST} but missing")
+    return [p for p in files if p.name in listed]
+
+
+def _listed_in_manifest(folder: Path, split: str) -> set[str] | None:
+    """The files of `split` the folder's manifest lists; None without a readable manifest (shards from
+    other producers, or a preparation cut short before its manifest, which is written last)."""
+    try:
+        shards = json.loads((folder / MANIFEST).read_text())["shards"]
+        return {s["file"] for s in shards if s["split"] == split}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

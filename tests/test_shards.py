@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 
@@ -102,6 +104,21 @@ def test_list_shards(tmp_path):
     assert [p.name for p in list_shards(tmp_path, "val")] == ["d_val_000000.bin"]
     with pytest.raises(ShardError, match="missing"):
         list_shards(tmp_path / "missing", "train")
+
+
+def test_a_manifest_decides_which_shards_a_folder_holds(tmp_path):
+    # Two preparations under different names in one folder; the manifest is the second one's.
+    for name in ["a_val_000000.bin", "a_train_000001.bin", "b_val_000000.bin", "b_train_000001.bin",
+                 "b_train_000002.bin"]:
+        (tmp_path / name).write_bytes(b"")
+    shards = [{"file": f, "split": f.split("_")[1]} for f in ["b_val_000000.bin", "b_train_000001.bin",
+                                                              "b_train_000002.bin"]]
+    (tmp_path / "manifest.json").write_text(json.dumps({"name": "b", "shards": shards}))
+    assert [p.name for p in list_shards(tmp_path, "train")] == ["b_train_000001.bin", "b_train_000002.bin"]
+    assert [p.name for p in list_shards(tmp_path, "val")] == ["b_val_000000.bin"]
+    (tmp_path / "b_train_000002.bin").unlink()
+    with pytest.raises(ShardError, match="b_train_000002.bin: listed in manifest.json but missing"):
+        list_shards(tmp_path, "train")
 
 
 def test_negative_npy_ids_are_named_as_they_are(tmp_path):
