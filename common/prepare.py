@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from common.cli import INPUT_ERRORS, Parser
 from common.outdir import make_output_dir, output_file
-from common.shards import MAGIC, MANIFEST, MAX_SHARD_TOKENS, VERSION, write_shard
+from common.shards import MAGIC, MANIFEST, MAX_SHARD_TOKENS, VERSION, read_manifest, write_shard
 from common.sources import (Document, PrepareError, describe, hf_documents, input_documents, read_document,
                             stdlib_documents, undecodable_warning)
 from common.tokenizer import EOT, VOCAB_SIZE, GPT2Tokenizer, get_tokenizer
@@ -341,17 +341,9 @@ def _locked(out_dir: Path):
         yield
 
 
-def _read_manifest(folder: Path) -> dict | None:
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError):  # missing, or cut short by a crash outside _write_json_atomic
-        return None
-    return manifest if isinstance(manifest, dict) else None
-
-
 def is_current(folder: str | Path) -> bool:
     """Whether `folder` holds a complete preparation made by this version's split rule."""
-    manifest = _read_manifest(Path(folder))
+    manifest = read_manifest(Path(folder))
     return manifest is not None and (manifest.get("split") or {}).get("rule") == SPLIT_RULE
 
 
@@ -362,7 +354,7 @@ def _prepare_once(out_dir: Path, force: bool, redo_older: bool = False, made: Pa
     with _locked(out_dir):
         for stale in out_dir.glob(".*.staging"):  # a killed run's: no other run is preparing here now
             shutil.rmtree(stale, ignore_errors=True)
-        manifest = _read_manifest(out_dir)
+        manifest = read_manifest(out_dir)
         if manifest is not None and not force:
             older = not is_current(out_dir)
             if not (older and redo_older):
@@ -481,7 +473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # checked here too: a folder prepared already is otherwise kept without looking at the flags
         check_options(name, args.shard_size, val_tokens, args.workers, args.seed)
         out = Path(args.out or (DEFAULT_FOLDER if name == "stdlib" and not (args.input or args.hf) else f"data/{name}"))
-        if args.force or _read_manifest(out) is None:  # the source will be read (a prepared folder is kept unread)
+        if args.force or read_manifest(out) is None:  # the source will be read (a prepared folder is kept unread)
             output_file(out / MANIFEST, "--out")  # --out can be made: checked before the source is opened
             documents = _first_read(documents)
         made = _first_missing(out)

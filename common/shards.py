@@ -144,11 +144,20 @@ def list_shards(folder: str | os.PathLike, split: str) -> list[Path]:
     return [p for p in files if p.name in listed]
 
 
+def read_manifest(folder: Path) -> dict | None:
+    """The folder's manifest; None when there is none or it cannot be read (cut short by a crash outside
+    common.prepare's atomic write)."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
 def _listed_in_manifest(folder: Path, split: str) -> set[str] | None:
     """The files of `split` the folder's manifest lists; None without a readable manifest (shards from
     other producers, or a preparation cut short before its manifest, which is written last)."""
     try:
-        shards = json.loads((folder / MANIFEST).read_text())["shards"]
-        return {s["file"] for s in shards if s["split"] == split}
-    except (OSError, ValueError, KeyError, TypeError):
+        return {s["file"] for s in read_manifest(folder)["shards"] if s["split"] == split}
+    except (KeyError, TypeError):  # no manifest (None), or one without a usable shard list
         return None

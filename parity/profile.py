@@ -31,7 +31,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from bench import workers
+from bench import trainee, workers
 from bench.pairwise import bench_config, parse_backends
 from bench.trainee import BACKENDS, TRAINEES
 from common.backend import load_backend
@@ -59,7 +59,6 @@ def child_step(name: str, cfg: Config, warmup: int, steps: int) -> tuple[StepFn,
     its loss, `lower(x, y)` is the jitted program it runs (JAX; None for torch), and the batches to profile.
     The first step and `warmup` more have run. A plain baseline starts from the common init of the run's seed,
     as in parity.bench --vs-plain."""
-    from common.backend import DistInfo
     from common.data import loader_for
 
     if name in BACKENDS:
@@ -74,13 +73,10 @@ def child_step(name: str, cfg: Config, warmup: int, steps: int) -> tuple[StepFn,
 
         lower = _jax_lower(b.runtime(cfg), lambda: state) if name == "jax" else None
     else:
-        import importlib
-
         from common.names import init_weights
 
-        dist = DistInfo()
-        step, _ = importlib.import_module(f"bench.{name}").build(cfg, init_weights(cfg.model, cfg.run.seed))
-        lower = getattr(step, "lower", None)
+        plain = trainee.start(name, cfg, init_weights(cfg.model, cfg.run.seed))
+        step, dist, lower = plain.step, plain.dist, getattr(plain.step, "lower", None)
     loader = loader_for(cfg, dist)
     for _ in range(1 + warmup):  # the first step compiles (JAX) or builds kernels (torch): never profiled
         float(step(*loader.next_step()))
