@@ -38,12 +38,12 @@ class ConfigError(ValueError):
 class ModelConfig:
     vocab_size: int = 50257  # real tokens (GPT-2 BPE); targets are always < vocab_size
     padded_vocab_size: int = 50304  # embedding rows; padding to a multiple of 64 speeds up matmuls
-    block_size: int = 128
-    n_layer: int = 4
-    n_head: int = 2
-    n_embd: int = 128
-    dropout: float = 0.0
-    bias: bool = True
+    block_size: int = 128  # context length T
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 2  # attention heads per block; n_embd must be divisible by it
+    n_embd: int = 128  # width of the residual stream
+    dropout: float = 0.0  # on attention weights, after each residual branch and on the embeddings
+    bias: bool = True  # biases in the linear layers and LayerNorms, as GPT-2 has them
     # Rows of (B·T) per chunk of the fused tied head + cross-entropy in training; 0 materialises the full
     # (B·T, padded_vocab_size) logits; -1 lets the machine choose (a lever: common/levers.py). A compute
     # choice, not a shape: checkpoints move freely between values.
@@ -52,22 +52,22 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    total_batch_size: int = 8192  # tokens per optimizer step, summed over ranks and micro-steps
+    total_batch_size: int = 4096  # tokens per optimizer step, summed over ranks and micro-steps
     micro_batch_size: int = 16  # sequences per rank (JAX: per device) per forward/backward
-    max_lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_steps: int = 20
-    max_steps: int = 300
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # 0 disables clipping
+    max_lr: float = 2e-3  # the peak of the schedule, reached after warmup_steps
+    min_lr: float = 2e-4  # the floor the cosine decays to at max_steps
+    warmup_steps: int = 10  # linear warm-up: lr = max_lr · (step + 1) / warmup_steps
+    max_steps: int = 150  # optimizer steps of the run
+    weight_decay: float = 0.1  # AdamW's, on parameters of two or more dimensions only
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW's moment decay rates
+    eps: float = 1e-8  # AdamW's, outside the square root
+    grad_clip: float = 1.0  # global gradient norm clipped to this before AdamW; 0 disables clipping
 
 
 @dataclass(frozen=True)
 class DataConfig:
     dir: str = "data/stdlib"  # folder of shards ({name}_train_*.bin / {name}_val_*.bin, or .npy)
-    val_tokens: int = 32768  # tokens scored per evaluation
+    val_tokens: int = 16384  # tokens scored per evaluation
     # shuffled: each step's rows are block-sized sequences drawn across the corpus in a seeded order per
     # epoch; stream: consecutive tokens, build-nanogpt's order (common/data.py)
     order: str = "shuffled"
@@ -75,26 +75,27 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    seed: int = 1337
-    dtype: str = "fp32"  # a name of common/precision.py: fp32 | bf16 | fp16 (torch only) | fp64 (parity)
+    seed: int = 1337  # weights, data order and dropout all follow from it
+    dtype: str = "fp32"  # fp32 | bf16 (fp32 master weights) | fp16 (torch only) | fp64 (parity): common/precision.py
     compile: bool = False  # torch.compile the model (JAX always compiles its step under jit)
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = "auto"  # auto takes a GPU where the framework sees one, else the CPU
     devices: int = 0  # JAX: local devices in the mesh (0 = all)
     # ddp: every device holds all parameters, gradients and AdamW moments; fsdp: they are sharded over
     # run.fsdp_size devices (torch FSDP2, a JAX "fsdp" mesh axis) and gathered layer by layer when used.
     parallel: str = "ddp"
     fsdp_size: int = 0  # devices per shard group with parallel = fsdp (0 = all); the rest replicate (HSDP)
-    log_interval: int = 1
-    eval_interval: int = 50
+    # console line and float() of the step metrics every N steps: no host sync in between
+    log_interval: int = 10
+    eval_interval: int = 50  # val loss every N steps and at the end; 0 = never
     sample_interval: int = 0  # 0 = sample only at the end
-    checkpoint_interval: int = 100
+    checkpoint_interval: int = 50  # a checkpoint every N steps and at the end; 0 = never
     keep_checkpoints: int = 2  # last N kept, plus the best-val one
     out_dir: str = "runs/default/{backend}"  # {backend} becomes torch or jax
-    sample_prompt: str = "Hello, I'm a language model,"
-    sample_tokens: int = 64
-    num_samples: int = 2
-    top_k: int = 50
-    temperature: float = 1.0
+    sample_prompt: str = "def "  # the text samples continue; empty starts from EOT
+    sample_tokens: int = 64  # new tokens per sample
+    num_samples: int = 2  # samples printed at sample_interval and at the end
+    top_k: int = 50  # sampling keeps the k most likely tokens; 0 = all
+    temperature: float = 1.0  # sampling temperature; 0 = greedy
     peak_tflops: float = 0.0  # MFU denominator; 0 = a stated default for the device and dtype
     hellaswag_path: str = ""  # a hellaswag_val.jsonl scored every hellaswag_interval steps and at the end
     hellaswag_interval: int = 0  # 0 = only at the end (when hellaswag_path is set)
@@ -102,16 +103,14 @@ class RunConfig:
     diagnostics_interval: int = 0  # per-group grad norms and grad/weight ratios every N steps; 0 = off
     overfit_single_batch: bool = False  # train on the first batch at every step (the plumbing check)
     wandb: bool = False  # send every metrics record to Weights & Biases (WANDB_MODE=offline works)
-    wandb_project: str = "gpt2-twin"
+    wandb_project: str = "gpt2-twin"  # the Weights & Biases project of run.wandb
     tensorboard: bool = False  # TensorBoard event files under out_dir/tensorboard
     report: bool = True  # when the run ends, its plots (loss, lr, grad norm, tok/s PNGs) into out_dir
-    # The speed levers (common/levers.py). levers: auto (probe a new machine once, then its cache), probe
-    # (time again, rewrite the cache) or fixed (no timing). threads: the framework's CPU threads (torch's
-    # intra-op threads; JAX: the CPUs XLA's pool may use), 0 = the machine's choice. cpu_gemm: the fp32 GEMM
-    # library on CPUs, torch aten (MKL) or onednn, JAX xla; auto = the machine's choice.
+    # The speed levers (common/levers.py): auto probes a new machine once, then reads its cache; probe times
+    # them again and rewrites the cache; fixed times nothing.
     levers: str = "auto"
-    threads: int = 0
-    cpu_gemm: str = "auto"
+    threads: int = 0  # the framework's CPU threads (torch's intra-op threads; JAX: the CPUs XLA may use); 0 = the machine's choice
+    cpu_gemm: str = "auto"  # the fp32 GEMM library on CPUs: torch aten (MKL) or onednn, JAX xla; auto = the machine's choice
 
 
 @dataclass(frozen=True)
@@ -127,6 +126,11 @@ class Config:
 
 _SECTION_TYPES = {"model": ModelConfig, "optim": OptimConfig, "data": DataConfig, "run": RunConfig}
 ORDERS = ("shuffled", "stream")
+DEVICES = ("auto", "cpu", "cuda")  # run.device
+# The fields that take one of a fixed set of names: validate() refuses anything else, docs/config.md lists them.
+CHOICES: dict[str, tuple[str, ...]] = {"data.order": ORDERS, "run.dtype": DTYPES, "run.device": DEVICES,
+                                       "run.parallel": PARALLELISMS, "run.levers": LEVER_MODES,
+                                       "run.cpu_gemm": GEMM_PATHS}
 # Seeds every backend takes as they are: JAX's PRNG keys hold 32 bits unless x64 is on.
 SEED_LIMIT = 2**32
 # Fields older versions wrote into checkpoints' meta.json and that no longer exist: skipped when reading one.
@@ -305,27 +309,21 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     for name in ("weight_decay", "grad_clip"):
         if getattr(o, name) < 0:
             raise ConfigError(f"optim.{name} must be ≥ 0, got {getattr(o, name)}")
+    for dotted, allowed in CHOICES.items():
+        section, _, key = dotted.partition(".")
+        if (value := getattr(getattr(cfg, section), key)) not in allowed:
+            raise ConfigError(f"{dotted} must be one of {', '.join(allowed)}, got '{value}'")
     if not 0 <= r.seed < SEED_LIMIT:
         raise ConfigError(f"run.seed must be in [0, 2**32), got {r.seed}")
     if not r.out_dir.strip():
         raise ConfigError("run.out_dir is empty (give a folder, e.g. runs/default/{backend})")
-    if r.dtype not in DTYPES:
-        raise ConfigError(f"run.dtype must be one of {', '.join(DTYPES)}, got '{r.dtype}'")
-    if r.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"run.device must be auto, cpu or cuda, got '{r.device}'")
     for name in ("log_interval", "eval_interval", "checkpoint_interval", "sample_interval", "keep_checkpoints",
                  "devices", "fsdp_size", "hellaswag_interval", "hellaswag_limit", "diagnostics_interval",
                  "num_samples", "sample_tokens", "top_k", "temperature", "peak_tflops"):
         if getattr(r, name) < 0:
             raise ConfigError(f"run.{name} must be ≥ 0, got {getattr(r, name)}")
-    if r.levers not in LEVER_MODES:
-        raise ConfigError(f"run.levers must be one of {', '.join(LEVER_MODES)}, got '{r.levers}'")
-    if r.cpu_gemm not in GEMM_PATHS:
-        raise ConfigError(f"run.cpu_gemm must be one of {', '.join(GEMM_PATHS)}, got '{r.cpu_gemm}'")
     if r.threads < 0:
         raise ConfigError(f"run.threads must be ≥ 0 (0 = the machine's choice), got {r.threads}")
-    if r.parallel not in PARALLELISMS:
-        raise ConfigError(f"run.parallel must be one of {', '.join(PARALLELISMS)}, got '{r.parallel}'")
     if r.parallel == "ddp" and r.fsdp_size > 1:
         raise ConfigError(f"run.fsdp_size is {r.fsdp_size} but run.parallel is ddp (set run.parallel = fsdp)")
     if r.fsdp_size and world_size % r.fsdp_size:
@@ -337,8 +335,6 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
         raise ConfigError("run.hellaswag_interval is set but run.hellaswag_path is empty (give the jsonl file)")
     if cfg.data.val_tokens < 0:
         raise ConfigError(f"data.val_tokens must be ≥ 0, got {cfg.data.val_tokens}")
-    if cfg.data.order not in ORDERS:
-        raise ConfigError(f"data.order must be one of {', '.join(ORDERS)}, got '{cfg.data.order}'")
     return cfg
 
 

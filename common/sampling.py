@@ -13,10 +13,9 @@ import sys
 from typing import Any, Callable, Iterable, Sequence, TextIO
 
 from common.cli import INPUT_ERRORS, Parser, UsageError
-from common.config import SEED_LIMIT
+from common.config import DEVICES, SEED_LIMIT
 from common.precision import dtypes_for
 
-DEVICES = ("auto", "cpu", "cuda")
 
 
 def build_parser(prog: str, doc: str, backend: str) -> argparse.ArgumentParser:

@@ -44,8 +44,8 @@ def tiny_config(data_dir: Path, out_dir: Path | str = "unused", **optim) -> Conf
                                     n_head=2, n_embd=32),
                   optim=dataclasses.replace(base, **optim),
                   data=DataConfig(dir=str(data_dir), val_tokens=256),
-                  run=RunConfig(out_dir=str(out_dir), num_samples=0, eval_interval=0, checkpoint_interval=0,
-                                devices=1, report=False))
+                  run=RunConfig(out_dir=str(out_dir), num_samples=0, log_interval=1, eval_interval=0,
+                                checkpoint_interval=0, devices=1, report=False))
 
 
 def twenty_step_config(data_dir: Path, out_dir: Path) -> Config:

@@ -146,3 +146,20 @@ def test_loss_chunk_rows_is_a_compute_choice_not_a_shape():
     assert validate(apply_overrides(cfg, ["--model.loss_chunk_rows", "-1"])).model.loss_chunk_rows == -1  # the machine's
     with pytest.raises(ConfigError, match="model.loss_chunk_rows must be ≥ 0"):
         validate(apply_overrides(cfg, ["--model.loss_chunk_rows", "-2"]))
+
+
+def test_docs_config_md_is_generated_from_the_schema():
+    """docs/config.md is `python -m common.config_doc`'s output; every field has a meaning there."""
+    from common import config_doc
+
+    with open(CONFIG_DIR.parent / config_doc.DOC_PATH, encoding="utf-8") as f:
+        assert f.read() == config_doc.render(), "docs/config.md is stale: python -m common.config_doc > docs/config.md"
+    comments = config_doc.field_comments()
+    fields = {f"{s}.{k}" for s, table in Config().to_dict().items() for k in table}
+    assert set(comments) == fields and all(comments.values()), sorted(k for k in fields if not comments.get(k))
+
+
+def test_the_default_preset_is_the_schema_defaults():
+    """One source of defaults: `--config default` and a config file that sets nothing give the same run."""
+    assert load_toml(resolve_config_path("default")) == Config()
+    assert (Config().optim.total_batch_size, Config().optim.max_steps, Config().run.log_interval) == (4096, 150, 10)
