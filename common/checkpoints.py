@@ -24,14 +24,14 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from common.config import Config, ConfigError, config_from_dict, model_shape_diff
-from common.usage import first_line
+from common.usage import InputError, first_line
 
 CHECKPOINT_SUBDIR = "checkpoints"
 META = "meta.json"
 STEP_PREFIX = "step_"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(InputError):
     """A checkpoint that cannot be used; the message names the path (entry points exit with 2)."""
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from common.precision import DTYPES, PRECISIONS
-from common.usage import Parser
+from common.usage import InputError, Parser
 
 # Host devices a CPU run may ask XLA for (JAX's --devices, parity.bench's replicas); XLA takes minutes to
 # create hundreds of thousands.
@@ -30,7 +30,7 @@ GEMM_PATHS = ("auto", "aten", "onednn", "xla")  # run.cpu_gemm: torch takes aten
 AUTO_CHUNK_ROWS = -1  # model.loss_chunk_rows: the machine's choice (common/levers.py)
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """Bad configuration input; entry points print it on one line and exit with code 2."""
 
 

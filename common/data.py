@@ -26,9 +26,10 @@ import numpy as np
 from common.backend import DistInfo
 from common.config import ORDERS, Config
 from common.shards import ShardError, list_shards, read_header, read_shard
+from common.usage import InputError
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Data that cannot serve the requested batches; the message names the folder or field."""
 
 

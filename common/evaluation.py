@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from common.bpb import bits_per_byte, perplexity, utf8_bytes_of_targets
-from common.cli import INPUT_ERRORS, Parser, UsageError
+from common.usage import InputError, Parser, UsageError
 from common.data import DataError, val_batches
 from common.hellaswag import evaluate_hellaswag
 from common.outdir import output_file, write_output
@@ -129,6 +129,6 @@ def run_cli(backend: str, evaluate: Callable[[argparse.Namespace], Any], argv: S
         check_args(args)
         evaluate(args)
         return 0
-    except INPUT_ERRORS as e:
+    except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -19,12 +19,13 @@ from typing import Callable
 import numpy as np
 
 from common.numbers import is_int
+from common.usage import InputError
 
 NUM_ENDINGS = 4
 REQUIRED_FIELDS = ("ind", "ctx", "label", "endings")
 
 
-class HellaSwagError(ValueError):
+class HellaSwagError(InputError):
     """A HellaSwag file or example that cannot be scored; the message names the file and line."""
 
 

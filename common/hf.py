@@ -16,12 +16,12 @@ import numpy as np
 from common.config import ConfigError, ModelConfig, validate_model
 from common.names import check_weights, param_shapes
 from common.numbers import is_int
-from common.usage import first_line
+from common.usage import InputError, first_line
 
 SKIPPED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers, not parameters
 
 
-class HFError(ValueError):
+class HFError(InputError):
     """A folder that is not a usable GPT-2 checkpoint; the message names the file."""
 
 

@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 from common.backend import Backend, DistInfo
 from common.checkpoints import (CheckpointError, CheckpointMeta, check_model_matches, code_version, latest_checkpoint,
                                 read_meta, resolve)
-from common.cli import INPUT_ERRORS
+from common.usage import InputError
 from common.config import Config, ConfigError, DataConfig, build_parser, parse_args, validate
 from common.data import DataError, DataLoader, loader_for, val_batches_for
 from common.hellaswag import HellaSwagError, load_examples
@@ -373,7 +373,7 @@ def main(backend: Backend, argv: Sequence[str] | None = None) -> int:
         print(f"config: {args.config_path}")
         train(backend, cfg, resume=args.resume)
         return 0
-    except INPUT_ERRORS as e:
+    except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteError as e:

@@ -19,10 +19,12 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from common.usage import InputError
+
 LOCK = ".lock"
 
 
-class FolderError(ValueError):
+class FolderError(InputError):
     """An output folder that cannot be created or is in use; the message names the flag and the path."""
 
 

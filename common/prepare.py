@@ -30,7 +30,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from common.cli import INPUT_ERRORS, Parser
+from common.usage import InputError, Parser
 from common.outdir import make_output_dir, output_file
 from common.shards import MAGIC, MANIFEST, MAX_SHARD_TOKENS, VERSION, read_manifest, write_shard
 from common.sources import (Document, PrepareError, describe, hf_documents, input_documents, read_document,
@@ -481,7 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _prepare_once(out, args.force, made=made, documents=documents, name=name, shard_size=args.shard_size,
                       val_tokens=val_tokens, workers=args.workers, source=source,
                       shuffle=not args.hf if args.shuffle is None else args.shuffle, seed=args.seed)
-    except INPUT_ERRORS as e:
+    except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -15,6 +15,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from common.usage import InputError
+
+
 class MetricsLog:
     """Appends records to `path`. On resume the file is first rewritten (atomically) to the records before
     the resumed step, each step once: records a run wrote past its last checkpoint go, and so does a torn
@@ -39,7 +42,7 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
 
-class RecordsError(ValueError):
+class RecordsError(InputError):
     """A metrics file that cannot be read; the message names the file and line."""
 
 

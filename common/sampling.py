@@ -12,7 +12,7 @@ import math
 import sys
 from typing import Any, Callable, Iterable, Sequence, TextIO
 
-from common.cli import INPUT_ERRORS, Parser, UsageError
+from common.usage import InputError, Parser, UsageError
 from common.config import DEVICES, SEED_LIMIT
 from common.precision import dtypes_for
 
@@ -122,6 +122,6 @@ def main(argv: Sequence[str] | None, parser: argparse.ArgumentParser, load: Call
         model = load(args)
         run(args, model, read_prompt(args.prompt), sys.stdout)
         return 0
-    except INPUT_ERRORS as e:
+    except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

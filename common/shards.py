@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.usage import first_line
+from common.usage import InputError, first_line
 
 MAGIC = 20240520
 VERSION = 1
@@ -31,7 +31,7 @@ SHARD_SUFFIXES = (".bin", ".npy")
 MANIFEST = "manifest.json"  # common.prepare's record of a folder's shards, written last
 
 
-class ShardError(ValueError):
+class ShardError(InputError):
     """A shard that cannot be used; the message names the file."""
 
 

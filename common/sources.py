@@ -13,14 +13,14 @@ import sysconfig
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from common.usage import first_line
+from common.usage import InputError, first_line
 
 INPUT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 Document = str | Path  # a Path is read by the worker, so file corpora are never pickled as text
 
 
-class PrepareError(ValueError):
+class PrepareError(InputError):
     """Unusable input; the CLI prints it on one line (naming the file) and exits with code 2."""
 
 

@@ -1,7 +1,7 @@
-"""The one-line usage error: an argparse parser whose errors raise UsageError instead of printing usage.
+"""Bad input as one line: the InputError every input error derives from, and an argparse parser whose errors
+raise UsageError instead of printing usage.
 
-Kept free of other imports so that every module with a command line (common/config.py too) can use it;
-common/cli.py gathers it with the other input errors.
+Kept free of other imports so that every module that reads input (common/config.py too) can use it.
 """
 from __future__ import annotations
 
@@ -10,7 +10,12 @@ import os
 import sys
 
 
-class UsageError(ValueError):
+class InputError(ValueError):
+    """Bad input (a flag, config, data, checkpoint, file or output folder), never a bug: the entry points print
+    its one-line message as `error: …` and exit with code 2. Each module's own error derives from it."""
+
+
+class UsageError(InputError):
     """A bad flag value; the message names the flag."""
 
 

@@ -30,7 +30,8 @@ from bench.vs_plain import check_config, format_vs_plain, vs_plain
 from bench.workers import allocator_env, parse_pin
 from common.benchtiming import DEFAULT_SHAPE, SHAPES
 from common.config import MAX_HOST_DEVICES, PARALLELISMS, ConfigError
-from common.loop import INPUT_ERRORS, ensure_data
+from common.loop import ensure_data
+from common.usage import InputError
 from common.outdir import output_file, write_output
 from common.usage import ExitingParser
 from parity.bench_suite import SUITE_DTYPES, SUITE_ROWS, run_suite, suite_options, suite_text
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             plot(report, args.plot)
             print(f"plot written to {args.plot}")
         return 0
-    except INPUT_ERRORS as e:
+    except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

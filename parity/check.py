@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from common.cli import INPUT_ERRORS, Parser
+from common.usage import InputError, Parser
 from common.config import ConfigError, apply_overrides, load_toml, parse_overrides, resolve_config_path, validate
 from common.data import DataLoader
 from common.loop import ensure_data
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             write_output(args.json, json.dumps(report, indent=1, default=float) + "\n")
             print(f"report written to {args.json}")
         return 0 if report["passed"] else 1
-    except INPUT_ERRORS as e:
+    except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

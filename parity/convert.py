@@ -15,7 +15,7 @@ from pathlib import Path
 
 from common.backend import load_backend
 from common.checkpoints import CHECKPOINT_SUBDIR, CheckpointMeta, latest_checkpoint, step_of
-from common.cli import INPUT_ERRORS, Parser
+from common.usage import InputError, Parser
 from common.config import ConfigError
 from common.hf import save_hf_folder
 from common.outdir import LOCK, FolderError, hold, make_output_dir
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         moved = "weights + optimizer state" if portable.moments and args.to != "hf" else "weights"
         print(f"{portable.kind} {args.src} → {args.to} {out} (step {portable.step}, {moved})")
         return 0
-    except INPUT_ERRORS as e:
+    except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

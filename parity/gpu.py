@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from common.cli import Parser, UsageError
+from common.usage import Parser, UsageError
 from common.config import DataConfig
 from common.outdir import FolderError, make_output_dir
 from parity.gpu_options import REPORT_JSON, REPORT_MD, ROOT, SECTIONS, Options, Timer, child_env

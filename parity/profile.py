@@ -37,7 +37,8 @@ from bench.trainee import BACKENDS, TRAINEES
 from common.backend import load_backend
 from common.benchtiming import SHAPES
 from common.config import Config, ConfigError, dump_toml, load_toml
-from common.loop import INPUT_ERRORS, ensure_data
+from common.loop import ensure_data
+from common.usage import InputError
 from common.outdir import output_file, write_output
 from common.usage import ExitingParser
 
@@ -368,7 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.json:
             write_output(args.json, json.dumps({"config": cfg.to_dict(), "profiles": results}, indent=1) + "\n")
         return 0
-    except INPUT_ERRORS as e:
+    except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -27,7 +27,7 @@ from bench import workers
 from bench.trainee import BACKENDS
 from common.backend import load_backend
 from common.benchtiming import DEFAULT_SHAPE, SHAPES, random_tokens, shaped_config
-from common.cli import Parser, UsageError
+from common.usage import Parser, UsageError
 from common.config import Config, ConfigError, dump_toml, load_toml, validate
 from common.usage import first_line
 
