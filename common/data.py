@@ -232,11 +232,6 @@ def val_batches(folder: str | Path, batch_size: int, block_size: int, val_tokens
         yield np.ascontiguousarray(buf[:, :-1]), np.ascontiguousarray(buf[:, 1:])
 
 
-def num_val_steps(folder: str | Path, batch_size: int, block_size: int, val_tokens: int, world_size: int = 1) -> int:
-    stream = TokenStream(folder, "val", shuffle=False)
-    return min(val_tokens, stream.epoch_tokens - 1) // (batch_size * block_size * world_size)
-
-
 def loader_for(cfg: Config, dist: DistInfo) -> DataLoader:
     """The training loader of `cfg` for this process: its rows of each step, in data.order."""
     o = cfg.optim

@@ -31,9 +31,11 @@ from common.checkpoints import (CHECKPOINT_SUBDIR, CheckpointError, CheckpointMe
                                 retained_steps, step_dir_name, write_meta)
 from common.config import Config
 from common.precision import PRECISIONS
+from common.portable import Portable, read_portable
 from common.usage import first_line
 from jax_impl import dist
-from jax_impl.model import LAYERS, abstract_params, flatten, stacked, to_common, unflatten, unstacked
+from jax_impl.model import (GPT, LAYERS, abstract_params, flatten, from_common, stacked, to_common, unflatten,
+                           unstacked)
 from jax_impl.optim import build_optimizer
 
 ITEMS = ("params", "opt_state", "rng")
@@ -208,3 +210,15 @@ def _restore_items(path: Path, abstract: dict[str, Any]) -> dict[str, Any]:
     except Exception as e:  # orbax/tensorstore raise many types for missing or corrupt files
         raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {first_line(e)[:300]})") from None
     return {name: restored[name] for name in abstract}
+
+
+def load_model(path: str | Path, device: str, dtype: str) -> tuple[tuple[GPT, Any], Portable]:
+    """(GPT, its params on `device`) of any checkpoint, run folder or Hugging Face folder (common/portable.py), in
+    `dtype` (auto | cpu | cuda, named --device in errors), and what was read."""
+    portable = read_portable(path)
+    dist.set_precision(dtype)  # after reading: a checkpoint's own dtype may differ
+    compute, param_dtype = dist.dtypes(dtype)
+    cfg = portable.config.model
+    params = from_common(portable.weights, cfg, param_dtype, source=str(path))
+    model = GPT(cfg, dtype=compute, param_dtype=param_dtype)
+    return (model, jax.device_put(params, dist.pick_devices(device, flag="--device")[0])), portable

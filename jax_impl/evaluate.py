@@ -21,9 +21,9 @@ import numpy as np
 import optax
 
 from common.evaluation import run_cli, score
-from common.portable import read_portable
 from jax_impl import dist
-from jax_impl.model import GPT, from_common
+from jax_impl.checkpoint import load_model
+from jax_impl.model import GPT
 
 
 @functools.lru_cache(maxsize=16)
@@ -59,18 +59,12 @@ def token_losses(model: GPT, params, x: np.ndarray, y: np.ndarray,
 
 
 def evaluate(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[str, Any]:
-    portable = read_portable(args.checkpoint)
-    dist.set_precision(args.dtype)  # after reading: a checkpoint's own dtype may differ
-    device = dist.pick_devices(args.device, flag="--device")[0]
-    compute, param_dtype = dist.dtypes(args.dtype)
-    cfg = portable.config.model
-    model = GPT(cfg, dtype=compute, param_dtype=param_dtype)
-    params = jax.device_put(from_common(portable.weights, cfg, param_dtype, source=str(args.checkpoint)), device)
+    (model, params), portable = load_model(args.checkpoint, args.device, args.dtype)
 
     def losses_fn(x: np.ndarray, y: np.ndarray) -> np.ndarray:
         return token_losses(model, params, x, y)
 
-    return score(args, losses_fn, portable, "jax", device.platform, log)
+    return score(args, losses_fn, portable, "jax", dist.pick_devices(args.device, flag="--device")[0].platform, log)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

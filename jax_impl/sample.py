@@ -22,9 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from common import sampling
-from common.portable import read_portable
-from jax_impl import dist
-from jax_impl.model import GPT, from_common
+from jax_impl import checkpoint
+from jax_impl.model import GPT
 
 
 @functools.lru_cache(maxsize=16)
@@ -73,13 +72,7 @@ def generate(model: GPT, params: Any, prompt: Sequence[int], num_samples: int, m
 
 def load_model(args: argparse.Namespace) -> tuple[GPT, Any]:
     """(GPT, params) of --checkpoint in --dtype on --device."""
-    portable = read_portable(args.checkpoint)
-    dist.set_precision(args.dtype)  # after reading: a checkpoint's own dtype may differ
-    device = dist.pick_devices(args.device, flag="--device")[0]
-    compute, param_dtype = dist.dtypes(args.dtype)
-    cfg = portable.config.model
-    params = from_common(portable.weights, cfg, param_dtype, source=str(args.checkpoint))
-    return GPT(cfg, dtype=compute, param_dtype=param_dtype), jax.device_put(params, device)
+    return checkpoint.load_model(args.checkpoint, args.device, args.dtype)[0]
 
 
 def run(args: argparse.Namespace, model_params: tuple[GPT, Any], prompt_text: str, out: TextIO) -> None:

@@ -22,8 +22,10 @@ from common.checkpoints import (CHECKPOINT_SUBDIR, CheckpointError, CheckpointMe
 from common.config import Config
 from common.names import check_weights, decay_groups, param_shapes
 from common.precision import PRECISIONS
+from common.portable import Portable, read_portable
 from common.usage import first_line
 from torch_impl import dist
+from torch_impl.model import GPT, from_common
 
 WEIGHTS = "model.safetensors"
 TRAIN_STATE = "train_state.pt"
@@ -165,3 +167,13 @@ def _read_train_state(folder: Path) -> dict[str, Any]:
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many types for a truncated or foreign file
         raise CheckpointError(f"{path}: cannot read optimizer state ({first_line(e)})") from None
+
+
+def load_model(path: str | Path, device: str, dtype: str) -> tuple[GPT, Portable]:
+    """The eval-mode GPT of any checkpoint, run folder or Hugging Face folder (common/portable.py), in `dtype`'s
+    parameter dtype on `device` (auto | cpu | cuda, named --device in errors), and what was read."""
+    portable = read_portable(path)
+    _, param_dtype = dist.dtypes(dtype)
+    model = from_common(portable.weights, portable.config.model, param_dtype, dist.pick_device(device, flag="--device"),
+                        source=str(path))
+    return model.eval(), portable

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from common.evaluation import run_cli, score
-from common.portable import read_portable
 from torch_impl import dist
-from torch_impl.model import GPT, from_common
+from torch_impl.checkpoint import load_model
+from torch_impl.model import GPT
 
 
 @torch.no_grad()
@@ -52,11 +52,8 @@ def token_losses(model: GPT, x: np.ndarray, y: np.ndarray,
 
 
 def evaluate(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[str, Any]:
-    portable = read_portable(args.checkpoint)
-    device = dist.pick_device(args.device, flag="--device")
-    _, param_dtype = dist.dtypes(args.dtype)
-    model = from_common(portable.weights, portable.config.model, param_dtype, device,
-                        source=str(args.checkpoint)).eval()
+    model, portable = load_model(args.checkpoint, args.device, args.dtype)
+    device = next(model.parameters()).device
 
     def losses_fn(x: np.ndarray, y: np.ndarray) -> np.ndarray:
         return token_losses(model, x, y, dist.autocast(args.dtype, device))

@@ -16,9 +16,8 @@ import numpy as np
 import torch
 
 from common import sampling
-from common.portable import read_portable
-from torch_impl import dist
-from torch_impl.model import GPT, from_common
+from torch_impl import checkpoint, dist
+from torch_impl.model import GPT
 
 
 @torch.no_grad()
@@ -53,10 +52,7 @@ def generate(model: GPT, prompt: list[int], num_samples: int, max_new_tokens: in
 
 def load_model(args: argparse.Namespace) -> GPT:
     """The eval-mode GPT of --checkpoint in --dtype's parameter dtype on --device."""
-    portable = read_portable(args.checkpoint)
-    device = dist.pick_device(args.device, flag="--device")
-    _, param_dtype = dist.dtypes(args.dtype)
-    return from_common(portable.weights, portable.config.model, param_dtype, device, source=str(args.checkpoint)).eval()
+    return checkpoint.load_model(args.checkpoint, args.device, args.dtype)[0]
 
 
 def run(args: argparse.Namespace, model: GPT, prompt_text: str, out: TextIO) -> None:
