@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Protocol
 
@@ -35,6 +35,9 @@ class DistInfo:
     data_parallel_size: int = 1
     local_replicas: int = 1
     device: str = "cpu"
+    # What the backend's own functions need of the set-up beyond the above (JAX: its mesh and the programs
+    # compiled for it; torch: nothing), so that both backends' init_state take (cfg, dist_info).
+    context: Any = field(default=None, compare=False, repr=False)
 
     @property
     def is_main(self) -> bool:

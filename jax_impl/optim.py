@@ -28,7 +28,7 @@ def decay_mask(params) -> dict:
 def build_optimizer(params, cfg: Config, dtype: Any = jnp.float32) -> optax.GradientTransformation:
     o = cfg.optim
     return optax.chain(
-        clip_by_global_norm(o.grad_clip),
+        clipping(o.grad_clip),
         optax.adamw(learning_rate=lr_schedule(o, dtype), b1=o.betas[0], b2=o.betas[1], eps=o.eps, eps_root=0.0,
                     weight_decay=o.weight_decay, mask=decay_mask(params)),
     )
@@ -48,7 +48,7 @@ class ClipState(NamedTuple):
     grad_norm: jax.Array  # global norm of the last gradients, before clipping
 
 
-def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+def clipping(max_norm: float) -> optax.GradientTransformation:
     """torch.nn.utils.clip_grad_norm_'s rule, g · min(1, max_norm / (‖g‖ + 1e-6)), remembering ‖g‖.
 
     optax.clip_by_global_norm has no 1e-6 (a drift between the backends that fp64 parity shows) and
@@ -69,6 +69,6 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
-def grad_norm(opt_state) -> jax.Array:
+def pre_clip_norm(opt_state) -> jax.Array:
     """The pre-clip global gradient norm of the last update (state of the chain's first element)."""
     return opt_state[0].grad_norm

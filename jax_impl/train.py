@@ -1,9 +1,11 @@
 """The JAX backend of the shared training loop (common/loop.py): `python -m jax_impl.train`.
 
-The training state is a pytree of arrays (step, params, opt_state, rng) plus two static fields naming
-the `Runtime` it belongs to: the model, optimizer, shardings and jitted functions of one
-(model + optim + dtype, mesh). Runs that differ only in paths or intervals share a Runtime and so
-its compiled programs; states of different configs can be stepped side by side.
+The training state is a pytree of arrays (step, params, opt_state, rng) plus a static field naming the
+`Runtime` it belongs to: the model, optimizer, shardings and jitted functions of one (model + optim + dtype,
+mesh). A mesh's Runtimes live in its `MeshContext`, which `JaxBackend.setup` hands out in DistInfo.context,
+so `init_state(cfg, dist_info)` finds them as torch's finds its device; runs that differ only in paths or
+intervals share a Runtime and so its compiled programs, and states of different configs can be stepped side
+by side.
 torch_impl/train.py is the same module in PyTorch, in the same order.
 """
 from __future__ import annotations
@@ -37,7 +39,7 @@ from jax_impl import checkpoint, dist, levers
 from jax_impl.evaluate import token_losses
 from jax_impl.model import GPT, abstract_params, from_common, per_tensor, scan_layers_for, to_common
 from jax_impl.ops import attention_for
-from jax_impl.optim import build_optimizer, grad_norm, lr_schedule
+from jax_impl.optim import build_optimizer, lr_schedule, pre_clip_norm
 from jax_impl.sample import generate
 
 
@@ -47,9 +49,8 @@ class TrainState:
     params: Any
     opt_state: Any
     rng: jax.Array  # raw uint32[2] key, split once per step for dropout
-    # Static (not arrays): which Runtime this state belongs to, so states of several configs can coexist.
-    cfg: Config = flax.struct.field(pytree_node=False, default=None)  # compiled_part of the run's config
-    mesh: Mesh = flax.struct.field(pytree_node=False, default=None)
+    # Static (not an array): the Runtime this state belongs to, so states of several configs can coexist.
+    rt: "Runtime" = flax.struct.field(pytree_node=False, default=None)
 
 
 def compiled_part(cfg: Config) -> Config:
@@ -77,7 +78,7 @@ class Runtime:
         self.param_shardings = dist.state_shardings(mesh, shapes)
         self.opt_shardings = dist.state_shardings(mesh, jax.eval_shape(self.tx.init, shapes))
         self.state_shardings = TrainState(step=self.replicated, params=self.param_shardings,
-                                          opt_state=self.opt_shardings, rng=self.replicated, cfg=cfg, mesh=mesh)
+                                          opt_state=self.opt_shardings, rng=self.replicated, rt=self)
         self.train_step = jax.jit(self._train_step, donate_argnums=0,
                                   out_shardings=(self.state_shardings, self.replicated))
         self.eval_loss = jax.jit(self._eval_loss, out_shardings=self.replicated)
@@ -124,7 +125,7 @@ class Runtime:
         grads, losses = self._grads(state.params, x, y, dropout_rng)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = jax.tree.map(lambda p, u: p + u, state.params, updates)
-        metrics = {"loss": losses.mean(), "grad_norm": grad_norm(opt_state), "lr": self.lr(state.step)}
+        metrics = {"loss": losses.mean(), "grad_norm": pre_clip_norm(opt_state), "lr": self.lr(state.step)}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
 
     def _eval_loss(self, params, x, y):
@@ -132,7 +133,7 @@ class Runtime:
 
     def state(self, step: int, params, opt_state, rng) -> TrainState:
         return TrainState(step=dist.place(jnp.asarray(step, jnp.int32), self.replicated), params=params,
-                          opt_state=opt_state, rng=dist.place(rng, self.replicated), cfg=self.cfg, mesh=self.mesh)
+                          opt_state=opt_state, rng=dist.place(rng, self.replicated), rt=self)
 
     def abstract_state(self) -> TrainState:
         """Shapes, dtypes and shardings of a state on this mesh, without computing one (what orbax restores
@@ -142,8 +143,12 @@ class Runtime:
         params = abstract_params(self.cfg.model, self.param_dtype)
         shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                             opt_state=jax.eval_shape(self.tx.init, params),
-                            rng=jax.eval_shape(lambda: jax.random.PRNGKey(0)), cfg=self.cfg, mesh=self.mesh)
+                            rng=jax.eval_shape(lambda: jax.random.PRNGKey(0)), rt=self)
         return jax.tree.map(spec, shapes, self.state_shardings)
+
+    def put_batch(self, a: np.ndarray, sharding=None) -> jax.Array:
+        """Host token ids as int32 on the mesh, split over the data axes (`sharding`: the training batch's)."""
+        return dist.put_batch(a.astype(np.int32), self.batch_sharding if sharding is None else sharding)
 
     def readable(self, tree):
         """`tree` as arrays this process can read whole: arrays sharded over other processes' devices are
@@ -160,21 +165,48 @@ def _tensor_sums(g, w):
     return jnp.stack([g.sum(), jnp.square(g).sum(), w.sum(), jnp.square(w).sum()])
 
 
-def init_state(rt: Runtime, cfg: Config, weights: dict[str, np.ndarray] | None = None,
+class MeshContext:
+    """A mesh and the Runtimes compiled for it, one per compiled_part of a config (what DistInfo.context holds)."""
+
+    def __init__(self, mesh: Mesh):
+        self.mesh = mesh
+        self.platform = mesh.devices.flat[0].platform
+        self._runtimes: dict[Config, Runtime] = {}
+
+    def runtime(self, cfg: Config) -> Runtime:
+        """The Runtime of `cfg` (with its levers already chosen: common.levers.configured) on this mesh."""
+        key = compiled_part(cfg)
+        if key not in self._runtimes:
+            self._runtimes[key] = Runtime(key, self.mesh)
+        return self._runtimes[key]
+
+
+def runtime_of(state: TrainState) -> Runtime:
+    """The Runtime that made `state`, with x64 switched back on or off if another dtype ran since."""
+    dist.set_x64(state.rt.cfg.run.dtype)
+    return state.rt
+
+
+def init_state(cfg: Config, dist_info: DistInfo, weights: dict[str, np.ndarray] | None = None,
                moments: dict[str, Any] | None = None) -> TrainState:
     """Params + optimizer state + dropout key at step 0, from `weights` or the common GPT-2 init of run.seed
-    (the same arrays as the torch backend's); `moments` restores AdamW's state and step."""
+    (the same arrays as the torch backend's); `moments` restores AdamW's state and step. The levers of
+    this machine are chosen (probed the first time) before anything is compiled."""
+    ctx: MeshContext = dist_info.context
+    dist.set_x64(cfg.run.dtype)
+    rt = ctx.runtime(configured(cfg, levers.choose(cfg, ctx.platform)))
     source = "initial weights" if weights is not None else "init"
     params = from_common(init_weights(cfg.model, cfg.run.seed) if weights is None else weights, cfg.model,
                          rt.param_dtype, source)
     params = dist.place(params, rt.param_shardings)
     state = rt.state(0, params, rt.init_opt(params), jax.random.PRNGKey(cfg.run.seed))
-    return set_moments(rt, state, moments) if moments is not None else state
+    return set_moments(state, moments) if moments is not None else state
 
 
-def set_moments(rt: Runtime, state: TrainState, moments: dict[str, Any]) -> TrainState:
+def set_moments(state: TrainState, moments: dict[str, Any]) -> TrainState:
     """`state` with AdamW's m, v and step set from common-named arrays (parity.convert moves them between
     backends)."""
+    rt = runtime_of(state)
     m = from_common(moments["m"], rt.cfg.model, rt.param_dtype, "moments m")
     v = from_common(moments["v"], rt.cfg.model, rt.param_dtype, "moments v")
     step = int(moments["step"])
@@ -184,18 +216,18 @@ def set_moments(rt: Runtime, state: TrainState, moments: dict[str, Any]) -> Trai
     return rt.state(step, state.params, dist.place(host, rt.opt_shardings), state.rng)
 
 
-def train_step(rt: Runtime, state: TrainState, x: np.ndarray, y: np.ndarray) -> tuple[TrainState, dict[str, Any]]:
+def train_step(state: TrainState, x: np.ndarray, y: np.ndarray) -> tuple[TrainState, dict[str, Any]]:
     """One optimizer step over this process's micro-batches x, y of shape (accum, rows, T)."""
-    return rt.train_step(state, dist.put_batch(x.astype(np.int32), rt.batch_sharding),
-                         dist.put_batch(y.astype(np.int32), rt.batch_sharding))
+    rt = runtime_of(state)
+    return rt.train_step(state, rt.put_batch(x), rt.put_batch(y))
 
 
-def evaluate(rt: Runtime, state: TrainState, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> float:
+def evaluate(state: TrainState, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> float:
     """Mean loss over every process's batches (all pass the same number of batches; none is an error)."""
+    rt = runtime_of(state)
     total, n = 0.0, 0
     for x, y in batches:
-        total = total + rt.eval_loss(state.params, dist.put_batch(x.astype(np.int32), rt.eval_sharding),
-                                     dist.put_batch(y.astype(np.int32), rt.eval_sharding))
+        total = total + rt.eval_loss(state.params, rt.put_batch(x, rt.eval_sharding), rt.put_batch(y, rt.eval_sharding))
         n += 1
     if n == 0:
         raise ValueError("evaluate() got no batches")
@@ -203,12 +235,12 @@ def evaluate(rt: Runtime, state: TrainState, batches: Iterable[tuple[np.ndarray,
 
 
 class JaxBackend:
-    """common.backend.Backend and ParityHooks over the functions above, with the Runtimes of its mesh."""
+    """common.backend.Backend and ParityHooks over the functions above, with a MeshContext per mesh set up."""
     name = "jax"
 
     def __init__(self):
-        self.mesh: Mesh | None = None
-        self._runtimes: dict[tuple[Config, Mesh], Runtime] = {}
+        self.context: MeshContext | None = None  # the last setup's
+        self._contexts: dict[Mesh, MeshContext] = {}  # so a config set up again keeps its compiled Runtimes
 
     # --- command line ---------------------------------------------------------------------------------
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
@@ -229,65 +261,56 @@ class JaxBackend:
 
     # --- training -------------------------------------------------------------------------------------
     def setup(self, cfg: Config) -> DistInfo:
-        info, self.mesh = dist.setup_distributed(cfg)
-        return info
+        info, mesh = dist.setup_distributed(cfg)
+        self.context = self._contexts.setdefault(mesh, MeshContext(mesh))
+        return dataclasses.replace(info, context=self.context)
 
     def teardown(self) -> None:
         dist.teardown_distributed()
 
     def runtime(self, cfg: Config) -> Runtime:
-        """The Runtime of `cfg` on this backend's mesh (set up on first use), with this machine's levers
-        (chosen, probed the first time, before anything is compiled)."""
-        key = (compiled_part(configured(cfg, self._levers(cfg))), self.mesh)
-        if key not in self._runtimes:
-            self._runtimes[key] = Runtime(key[0], self.mesh)
-        return self._runtimes[key]
+        """The Runtime of `cfg` on this backend's mesh (set up on first use), with this machine's levers."""
+        return self.context.runtime(configured(cfg, self._levers(cfg)))
 
     def _levers(self, cfg: Config) -> Levers:
         """This machine's levers for `cfg` (jax_impl/levers.py; common.levers resolves them once per process)."""
-        if self.mesh is None:
+        if self.context is None:
             self.setup(cfg)
         dist.set_x64(cfg.run.dtype)
-        return levers.choose(cfg, self.mesh.devices.flat[0].platform)
-
-    def _rt(self, state: TrainState) -> Runtime:
-        """The Runtime that made `state` (x64 switched back on or off if another dtype ran since)."""
-        dist.set_x64(state.cfg.run.dtype)
-        return self._runtimes[(state.cfg, state.mesh)]
+        return levers.choose(cfg, self.context.platform)
 
     def init_state(self, cfg: Config, dist_info: DistInfo, weights: dict[str, np.ndarray] | None = None,
                    moments: dict[str, Any] | None = None) -> TrainState:
-        return init_state(self.runtime(cfg), cfg, weights, moments)
+        return init_state(cfg, dist_info, weights, moments)
 
     def train_step(self, state: TrainState, x: np.ndarray, y: np.ndarray) -> tuple[TrainState, dict[str, Any]]:
-        return train_step(self._rt(state), state, x, y)
+        return train_step(state, x, y)
 
     def evaluate(self, state: TrainState, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> float:
-        return evaluate(self._rt(state), state, batches)
+        return evaluate(state, batches)
 
     def token_losses(self, state: TrainState, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        rt = self._rt(state)
+        rt = runtime_of(state)
         return token_losses(rt.model, state.params, x, y, put=lambda a: dist.place(a, rt.replicated))
 
     def diagnostics(self, state: TrainState, x: np.ndarray, y: np.ndarray) -> dict[str, dict[str, float]]:
         """The gradient of train_step's batch (same dropout key) from the separately jitted gradient
         function; nothing is donated or stored, so train_step's numbers are unchanged bit for bit."""
-        rt = self._rt(state)
+        rt = runtime_of(state)
         _, dropout_rng = jax.random.split(state.rng)
-        g, _ = rt.grads(state.params, dist.put_batch(x.astype(np.int32), rt.batch_sharding),
-                        dist.put_batch(y.astype(np.int32), rt.batch_sharding), dropout_rng)
+        g, _ = rt.grads(state.params, rt.put_batch(x), rt.put_batch(y), dropout_rng)
         sums = to_common(jax.tree.map(lambda s: s.addressable_data(0), rt.tensor_sums(g, state.params)))
-        shapes = param_shapes(state.cfg.model)
+        shapes = param_shapes(rt.cfg.model)
         return summarize_diagnostics({name: (len(shapes[name]), math.prod(shapes[name]),
                                              np.asarray(s, dtype=np.float64).tolist()) for name, s in sums.items()})
 
     def generate(self, state: TrainState, prompt: list[int], num_samples: int, max_new_tokens: int,
                  temperature: float, top_k: int, seed: int) -> Iterator[np.ndarray]:
-        rt = self._rt(state)
+        rt = runtime_of(state)
         return generate(rt.model, state.params, prompt, num_samples, max_new_tokens, temperature, top_k, seed)
 
     def to_common(self, state: TrainState) -> dict[str, np.ndarray]:
-        return to_common(self._rt(state).readable(state.params))
+        return to_common(runtime_of(state).readable(state.params))
 
     def save_checkpoint(self, state: TrainState, out_dir: Path, meta: CheckpointMeta) -> Path:
         return checkpoint.save_checkpoint(state, out_dir, meta)
@@ -297,7 +320,8 @@ class JaxBackend:
 
     def load_checkpoint(self, path: Path, cfg: Config, dist_info: DistInfo) -> tuple[TrainState, CheckpointMeta]:
         folder, meta = open_checkpoint(path, cfg)
-        return checkpoint.load_checkpoint(folder, self.runtime(cfg).abstract_state()), meta
+        rt = dist_info.context.runtime(configured(cfg, self._levers(cfg)))
+        return checkpoint.load_checkpoint(folder, rt.abstract_state()), meta
 
     def levers(self, cfg: Config, dist_info: DistInfo) -> Levers:
         chosen = self._levers(cfg)
@@ -311,19 +335,18 @@ class JaxBackend:
 
     # --- common.backend.ParityHooks -------------------------------------------------------------------
     def logits(self, state: TrainState, x: np.ndarray) -> np.ndarray:
-        rt = self._rt(state)
-        return np.array(rt.logits(state.params, dist.put_batch(x.astype(np.int32), rt.eval_sharding)), copy=True)
+        rt = runtime_of(state)
+        return np.array(rt.logits(state.params, rt.put_batch(x, rt.eval_sharding)), copy=True)
 
     def grads(self, state: TrainState, x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
         """The gradient train_step would clip and apply (same dropout key), in the parameter dtype."""
-        rt = self._rt(state)
+        rt = runtime_of(state)
         _, dropout_rng = jax.random.split(state.rng)
-        g, _ = rt.grads(state.params, dist.put_batch(x.astype(np.int32), rt.batch_sharding),
-                        dist.put_batch(y.astype(np.int32), rt.batch_sharding), dropout_rng)
+        g, _ = rt.grads(state.params, rt.put_batch(x), rt.put_batch(y), dropout_rng)
         return to_common(rt.readable(g))
 
     def optimizer_moments(self, state: TrainState) -> dict[str, Any]:
-        opt_state = self._rt(state).readable(state.opt_state)
+        opt_state = runtime_of(state).readable(state.opt_state)
         return {"step": int(state.step), "m": to_common(optax.tree.get(opt_state, "mu")),
                 "v": to_common(optax.tree.get(opt_state, "nu"))}
 

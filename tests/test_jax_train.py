@@ -23,7 +23,7 @@ from helpers import (ROOT, SAVER_MODEL, assert_same_three_steps, batch, check_ex
 from jax_impl import checkpoint as ckpt
 from jax_impl import sample
 from jax_impl.model import flatten, unflatten, unstacked
-from jax_impl.optim import clip_by_global_norm, decay_mask, lr_schedule
+from jax_impl.optim import clipping, decay_mask, lr_schedule
 from jax_impl.train import BACKEND, main
 
 
@@ -106,12 +106,12 @@ def test_schedule_is_applied_every_step(tmp_path):
 
 def test_clip_uses_torch_formula_and_reports_the_pre_clip_norm():
     grads = {"a": jnp.array([3.0, 0.0]), "b": jnp.array([[4.0]])}  # global norm 5
-    tx = clip_by_global_norm(1.0)
+    tx = clipping(1.0)
     clipped, state = tx.update(grads, tx.init(grads))
     assert float(state.grad_norm) == 5.0
     coef = np.float32(1.0) / (np.float32(5.0) + np.float32(1e-6))
     np.testing.assert_array_equal(clipped["a"], np.array([3.0, 0.0], np.float32) * coef)
-    unclipped, state = clip_by_global_norm(10.0).update(grads, tx.init(grads))
+    unclipped, state = clipping(10.0).update(grads, tx.init(grads))
     np.testing.assert_array_equal(unclipped["b"], grads["b"])  # min(1, ...) never scales up
     assert optax.tree.norm(clipped) < 1.0
 

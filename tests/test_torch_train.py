@@ -17,7 +17,7 @@ from helpers import (SAVER_MODEL, assert_same_three_steps, batch, check_exact_re
                      state_after_a_non_finite_loss, trained_three_steps_and_saved, trainer_args)
 from torch_impl import checkpoint as ckpt
 from torch_impl import sample
-from torch_impl.train import BACKEND, accumulate_gradients, apply_update, main
+from torch_impl.train import BACKEND, _accumulate_gradients, _apply_update, main
 
 
 def new_state(cfg: Config):
@@ -45,17 +45,17 @@ def test_accumulation_matches_the_full_batch(tmp_path):
     cfg = twenty_step_config(tmp_path, tmp_path)
     x, y = batch(1, 8, seed=1)
     full, split = new_state(cfg), new_state(cfg)
-    loss_full = accumulate_gradients(full, torch.from_numpy(x).long(), torch.from_numpy(y).long())
-    loss_split = accumulate_gradients(split, torch.from_numpy(x.reshape(2, 4, 16)).long(),
+    loss_full = _accumulate_gradients(full, torch.from_numpy(x).long(), torch.from_numpy(y).long())
+    loss_split = _accumulate_gradients(split, torch.from_numpy(x.reshape(2, 4, 16)).long(),
                                       torch.from_numpy(y.reshape(2, 4, 16)).long())
     assert abs(loss_full.item() - loss_split.item()) < 1e-6
     grads = {}
     for (name, a), b in zip(full.model.named_parameters(), split.model.parameters()):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=0, msg=name)
         grads[name] = (a.grad.clone(), (a.grad - b.grad).abs())
-    norm_full, _ = apply_update(full)
-    lr, eps = full.optimizer.param_groups[0]["lr"], cfg.optim.eps  # the step's own lr, set by apply_update
-    norm_split, _ = apply_update(split)
+    norm_full, _ = _apply_update(full)
+    lr, eps = full.optimizer.param_groups[0]["lr"], cfg.optim.eps  # the step's own lr, set by _apply_update
+    norm_split, _ = _apply_update(split)
     assert abs(norm_full.item() - norm_split.item()) < 1e-6
     for (name, a), b in zip(full.model.named_parameters(), split.model.parameters()):
         # Adam's first step moves a weight by lr·g/(|g| + eps), whose slope in g is lr·eps/(|g| + eps)²: where |g|

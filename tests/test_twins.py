@@ -1,6 +1,11 @@
-"""What the two backends share by construction: one seed gives one set of initial weights, so one config
-gives one loss curve in both trainers; and each backend's sampler reads the other's checkpoints."""
+"""What the two backends share by construction: the same modules with the same public functions and signatures
+(a literal mirror); one seed gives one set of initial weights, so one config gives one loss curve in both
+trainers; and each backend's sampler reads the other's checkpoints."""
 from __future__ import annotations
+
+import importlib
+import inspect
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +19,37 @@ from helpers import backend_of, meta, quiet
 from jax_impl import sample as jax_sample
 from torch_impl import sample as torch_sample
 
+
+
+ROOT = Path(__file__).resolve().parent.parent
+# The modules whose public functions are the backends' interface to the loop, the parity tools and the CLIs:
+# the same names with the same parameters on both sides. Elsewhere each framework's own arguments differ
+# (flax keeps parameters apart from the model; torch places tensors on a device), so those modules share
+# their file names and jobs, not signatures.
+MIRRORED = ("train", "checkpoint")
+# What one side has and the other needs no counterpart for.
+ONE_SIDED = {"torch_impl.checkpoint": {"moments_of"},  # JAX reads AdamW's moments off its optax state directly
+             "jax_impl.train": {"compiled_part", "runtime_of"}}  # the compiled programs a state belongs to
+
+
+def _public_functions(module) -> dict[str, inspect.Signature]:
+    return {name: inspect.signature(fn) for name, fn in vars(module).items()
+            if inspect.isfunction(fn) and fn.__module__ == module.__name__ and not name.startswith("_")}
+
+
+def test_the_backends_are_a_literal_mirror_same_files_functions_and_parameters():
+    assert {p.name for p in (ROOT / "torch_impl").glob("*.py")} == {p.name for p in (ROOT / "jax_impl").glob("*.py")}
+    for stem in MIRRORED:
+        torch_fns, jax_fns = (_public_functions(importlib.import_module(f"{side}.{stem}")) for side in
+                              ("torch_impl", "jax_impl"))
+        shared = set(torch_fns) & set(jax_fns)
+        assert set(torch_fns) - shared == ONE_SIDED.get(f"torch_impl.{stem}", set()), stem
+        assert set(jax_fns) - shared == ONE_SIDED.get(f"jax_impl.{stem}", set()), stem
+        for fn in sorted(shared):  # the same parameters in the same order (their types are each framework's)
+            assert list(torch_fns[fn].parameters) == list(jax_fns[fn].parameters), f"{stem}.{fn}"
+    train = _public_functions(importlib.import_module("torch_impl.train"))
+    assert list(train["train_step"].parameters) == ["state", "x", "y"]
+    assert {"init_state", "set_moments", "train_step", "evaluate", "main"} <= set(train)
 
 
 def initial_weights(name: str, cfg) -> dict[str, np.ndarray]:

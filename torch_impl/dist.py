@@ -44,17 +44,17 @@ def precision(name: str) -> Precision:
     return PRECISIONS[name]
 
 
-def dtypes(name: str) -> tuple[torch.dtype | None, torch.dtype]:
-    """run.dtype -> (autocast dtype, None when the model runs in its parameter dtype; parameter dtype)."""
+def dtypes(name: str) -> tuple[torch.dtype, torch.dtype]:
+    """run.dtype -> (compute dtype of the matmuls, parameter and optimizer-state dtype); where they differ
+    the forward runs under autocast."""
     p = precision(name)
-    compute, params = _DTYPES[p.compute], _DTYPES[p.params]
-    return (None if compute == params else compute), params
+    return _DTYPES[p.compute], _DTYPES[p.params]
 
 
 def autocast(name: str, device: torch.device) -> contextlib.AbstractContextManager:
     """The context a forward pass of run.dtype `name` runs in (mixed precision: autocast)."""
-    compute, _ = dtypes(name)
-    return torch.autocast(device_type=device.type, dtype=compute) if compute else contextlib.nullcontext()
+    compute, params = dtypes(name)
+    return torch.autocast(device_type=device.type, dtype=compute) if compute != params else contextlib.nullcontext()
 
 
 def set_precision(name: str, device: torch.device, exact: bool = False) -> None:
@@ -141,7 +141,7 @@ def shard_model(model: torch.nn.Module, cfg: Config, device: torch.device) -> No
     keep = fsdp.MixedPrecisionPolicy(reduce_dtype=params, cast_forward_inputs=False)
     cast = fsdp.MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=params, cast_forward_inputs=False)
     for block in model.h:
-        if compute is not None:  # LayerNorms compute in the parameter dtype (CPU autocast refuses bf16 weights)
+        if compute != params:  # LayerNorms compute in the parameter dtype (CPU autocast refuses bf16 weights)
             fsdp.fully_shard(block.ln_1, mesh=mesh, mp_policy=keep)
             fsdp.fully_shard(block.ln_2, mesh=mesh, mp_policy=keep)
         fsdp.fully_shard(block, mesh=mesh, mp_policy=cast)

@@ -39,7 +39,7 @@ def clip_by_global_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor
     only measures); returns the pre-clip norm, the same number whether the gradients are whole or
     sharded (FSDP2)."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    total = grad_norm(grads)
+    total = global_norm(grads)
     shards = [dist.local(g) for g in grads]
     if max_norm > 0:
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
@@ -47,7 +47,7 @@ def clip_by_global_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor
     return total.to(shards[0].dtype)
 
 
-def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+def global_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     """Global L2 norm of the gradients, in float64.
 
     Summed more carefully than clip_grad_norm_: torch's fp32 norm of the whole 50k-row embedding

@@ -91,8 +91,8 @@ def set_moments(state: TrainState, moments: dict[str, Any]) -> TrainState:
 
 def train_step(state: TrainState, x: np.ndarray, y: np.ndarray) -> tuple[TrainState, dict[str, Any]]:
     """One optimizer step over this rank's micro-batches x, y of shape (accum, rows, T)."""
-    loss = accumulate_gradients(state, _to_device(x, state.device), _to_device(y, state.device))
-    norm, lr = apply_update(state)
+    loss = _accumulate_gradients(state, _to_device(x, state.device), _to_device(y, state.device))
+    norm, lr = _apply_update(state)
     return state, {"loss": dist.all_reduce_mean(loss), "grad_norm": norm, "lr": lr}
 
 
@@ -121,7 +121,7 @@ def _to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.asarray(a, dtype=np.int64)).to(device, non_blocking=True)
 
 
-def accumulate_gradients(state: TrainState, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+def _accumulate_gradients(state: TrainState, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
     """Forward/backward over the (accum, rows, T) micro-batches; returns this rank's mean loss (detached)."""
     model, accum = state.train_model, xs.shape[0]
     loss_sum = torch.zeros((), device=state.device, dtype=dist.dtypes(state.cfg.run.dtype)[1])
@@ -136,7 +136,7 @@ def accumulate_gradients(state: TrainState, xs: torch.Tensor, ys: torch.Tensor) 
     return loss_sum / accum
 
 
-def apply_update(state: TrainState) -> tuple[torch.Tensor, float]:
+def _apply_update(state: TrainState) -> tuple[torch.Tensor, float]:
     """Clip, step AdamW at lr_at(state.step), clear the gradients; returns (pre-clip norm, lr)."""
     if state.scaler:
         state.scaler.unscale_(state.optimizer)  # clipping and the norm must see the true gradients
@@ -193,7 +193,7 @@ class TorchBackend:
         cpu_rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state(state.device) if state.device.type == "cuda" else None
         try:
-            accumulate_gradients(state, _to_device(x, state.device), _to_device(y, state.device))
+            _accumulate_gradients(state, _to_device(x, state.device), _to_device(y, state.device))
             scale = float(state.scaler.get_scale()) if state.scaler else 1.0  # fp16: undo the loss scale
             tensors = {}
             with torch.no_grad():
@@ -244,7 +244,7 @@ class TorchBackend:
 
     def grads(self, state: TrainState, x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
         """The gradient train_step would clip and apply, without applying it, in the parameter dtype."""
-        accumulate_gradients(state, _to_device(x, state.device), _to_device(y, state.device))
+        _accumulate_gradients(state, _to_device(x, state.device), _to_device(y, state.device))
         out = {name: dist.full(p.grad).detach().to("cpu").numpy().copy() for name, p in state.model.named_parameters()}
         state.optimizer.zero_grad(set_to_none=True)
         return out
