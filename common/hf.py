@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from common.config import ConfigError, ModelConfig, validate_model
-from common.names import check_weights, param_shapes
+from common.names import LN_EPS, check_weights, param_shapes
 from common.numbers import is_int
 from common.usage import InputError, first_line
 
@@ -48,8 +48,8 @@ def config_from_hf(hf: dict, source: str, padded_vocab_size: int | None = None) 
         raise HFError(f"{source}: activation_function {act!r} is not GPT-2's tanh GELU")
     if hf.get("n_inner") not in (None, 4 * sizes["n_embd"]):
         raise HFError(f"{source}: n_inner {hf['n_inner']} is not 4 × n_embd")
-    eps = hf.get("layer_norm_epsilon", 1e-5)
-    if not isinstance(eps, (int, float)) or abs(eps - 1e-5) > 1e-12:
+    eps = hf.get("layer_norm_epsilon", LN_EPS)
+    if not isinstance(eps, (int, float)) or abs(eps - LN_EPS) > 1e-12:
         raise HFError(f"{source}: layer_norm_epsilon {hf['layer_norm_epsilon']} is not 1e-5")
     # Options of transformers' GPT2Config that change the function computed; both backends compute GPT-2's
     # defaults only, so a folder with another value is refused rather than scored as something else.
@@ -73,7 +73,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "activation_function": "gelu_new",
         "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_ctx": cfg.block_size,
         "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": None,
-        "layer_norm_epsilon": 1e-5, "initializer_range": 0.02, "resid_pdrop": cfg.dropout,
+        "layer_norm_epsilon": LN_EPS, "initializer_range": 0.02, "resid_pdrop": cfg.dropout,
         "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout, "tie_word_embeddings": True,
         "bos_token_id": 50256, "eos_token_id": 50256, "scale_attn_weights": True,
     }

@@ -29,6 +29,7 @@ BLOCK_PARAMS = (  # (suffix, shape as a function of n_embd C)
 
 # Projections into the residual stream: initialised with std 0.02 / sqrt(2 · n_layer) (GPT-2 paper).
 RESIDUAL_PROJECTIONS = ("attn.c_proj.weight", "mlp.c_proj.weight")
+LN_EPS = 1e-5  # GPT-2's layer_norm_epsilon (torch's default; Flax's is 1e-6)
 
 
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -1,4 +1,4 @@
-"""The learning-rate schedule: the single definition both backends are tested against."""
+"""The learning-rate schedule and clipping's constant: the single definitions both backends are tested against."""
 from __future__ import annotations
 
 import math
@@ -6,6 +6,9 @@ import math
 import numpy as np
 
 from common.config import OptimConfig
+
+# torch.nn.utils.clip_grad_norm_'s denominator is ‖g‖ + CLIP_EPS; both backends clip with that rule.
+CLIP_EPS = 1e-6
 
 
 def lr_at(step: int, optim: OptimConfig) -> float:

@@ -34,8 +34,8 @@ from common.precision import PRECISIONS
 from common.portable import Portable, read_portable
 from common.usage import first_line
 from jax_impl import dist
-from jax_impl.model import (GPT, LAYERS, abstract_params, flatten, from_common, stacked, to_common, unflatten,
-                           unstacked)
+from jax_impl.layout import LAYERS, abstract_params, flatten, stacked, unflatten, unstacked
+from jax_impl.model import GPT, from_common, to_common
 from jax_impl.optim import build_optimizer
 
 ITEMS = ("params", "opt_state", "rng")

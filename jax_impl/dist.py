@@ -23,7 +23,7 @@ from common.backend import DistInfo
 from common.config import MAX_HOST_DEVICES, Config, ConfigError, shard_group_size
 from common.precision import PRECISIONS, Precision, unsupported
 from common.usage import env_int
-from jax_impl.model import in_layer_stack
+from jax_impl.layout import in_layer_stack
 
 DATA_AXIS, FSDP_AXIS = "data", "fsdp"
 # Compiled programs are kept here across runs unless JAX_COMPILATION_CACHE_DIR names another folder, so

@@ -14,8 +14,8 @@ import optax
 
 from common.config import Config, OptimConfig
 from common.names import decays
-from common.schedule import lr_table
-from jax_impl.model import in_layer_stack
+from common.schedule import CLIP_EPS, lr_table
+from jax_impl.layout import in_layer_stack
 
 
 def decay_mask(params) -> dict:
@@ -62,7 +62,7 @@ def clipping(max_norm: float) -> optax.GradientTransformation:
         del params
         norm = optax.tree.norm(updates)
         if max_norm > 0:
-            coef = jnp.minimum(1.0, max_norm / (norm + 1e-6))
+            coef = jnp.minimum(1.0, max_norm / (norm + CLIP_EPS))
             updates = jax.tree.map(lambda g: g * coef.astype(g.dtype), updates)
         return updates, ClipState(norm)
 

@@ -37,7 +37,8 @@ from common.levers import Levers, configured
 from common.names import init_weights, param_shapes
 from jax_impl import checkpoint, dist, levers
 from jax_impl.evaluate import token_losses
-from jax_impl.model import GPT, abstract_params, from_common, per_tensor, scan_layers_for, to_common
+from jax_impl.layout import abstract_params, per_tensor
+from jax_impl.model import GPT, from_common, scan_layers_for, to_common
 from jax_impl.ops import attention_for
 from jax_impl.optim import build_optimizer, lr_schedule, pre_clip_norm
 from jax_impl.sample import generate

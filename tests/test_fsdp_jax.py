@@ -60,7 +60,7 @@ def devices_main(data_dir: Path, out: Path) -> None:
 
 
 def _flat(params) -> dict:
-    from jax_impl.model import flatten
+    from jax_impl.layout import flatten
     return flatten(params)
 
 

@@ -13,7 +13,8 @@ from common.names import init_std, init_weights, param_shapes
 from common.plan import num_params
 from helpers import hf_gpt2
 from jax_impl.loss import lm_loss
-from jax_impl.model import GPT, flatten, from_common, stacked, to_common, unflatten, unstacked
+from jax_impl.layout import flatten, stacked, unflatten, unstacked
+from jax_impl.model import GPT, from_common, to_common
 from jax_impl.sample import generate
 
 TINY = ModelConfig(vocab_size=250, padded_vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd=32)

@@ -22,7 +22,7 @@ from helpers import (ROOT, SAVER_MODEL, assert_same_three_steps, batch, check_ex
                      state_after_a_non_finite_loss, trained_three_steps_and_saved, trainer_args)
 from jax_impl import checkpoint as ckpt
 from jax_impl import sample
-from jax_impl.model import flatten, unflatten, unstacked
+from jax_impl.layout import flatten, unflatten, unstacked
 from jax_impl.optim import clipping, decay_mask, lr_schedule
 from jax_impl.train import BACKEND, main
 

@@ -12,12 +12,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.config import ModelConfig
-from common.names import check_weights
+from common.names import LN_EPS, check_weights
 from torch_impl.loss import chunked_lm_loss, lm_loss
 from torch_impl.ops import linear
 
 # Aligned with jax_impl/model.py (docs/parity.md): F.gelu defaults to erf, GPT-2 uses tanh.
-LN_EPS = 1e-5
 GELU_APPROXIMATE = "tanh"
 
 

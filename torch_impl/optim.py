@@ -8,6 +8,7 @@ import torch
 
 from common.config import Config
 from common.names import decay_groups
+from common.schedule import CLIP_EPS
 from torch_impl import dist
 
 
@@ -42,7 +43,7 @@ def clip_by_global_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor
     total = global_norm(grads)
     shards = [dist.local(g) for g in grads]
     if max_norm > 0:
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        coef = torch.clamp(max_norm / (total + CLIP_EPS), max=1.0)
         torch._foreach_mul_(shards, coef.to(shards[0].dtype))
     return total.to(shards[0].dtype)
 
