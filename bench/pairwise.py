@@ -24,7 +24,8 @@ from typing import Any, Mapping, Sequence
 from bench.trainee import BACKENDS, TRAINEES
 from bench.workers import Worker, module_command
 from common.benchtiming import shaped_config
-from common.config import Config, ConfigError, dump_toml, validate
+from common.config import Config, ConfigError, validate
+from common.config_files import dump_toml
 from common.plan import flops_per_token
 
 

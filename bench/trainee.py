@@ -25,7 +25,8 @@ import numpy as np
 
 from bench.workers import answer_channel, commands, reply
 from common.backend import BACKENDS, DistInfo, load_backend
-from common.config import Config, load_toml
+from common.config import Config
+from common.config_files import load_toml
 from common.data import loader_for
 from common.levers import cached_peak
 

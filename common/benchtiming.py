@@ -19,7 +19,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from common.config import Config, ConfigError, apply_overrides, load_toml, resolve_config_path
+from common.config import Config, ConfigError
+
+from common.config_files import apply_overrides, load_toml, resolve_config_path
 from common.plan import flops_per_token
 from common.usage import ExitingParser
 

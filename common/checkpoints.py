@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from common.config import Config, ConfigError, config_from_dict, model_shape_diff
+from common.config import Config, ConfigError, model_shape_diff
+
+from common.config_files import config_from_dict
 from common.usage import InputError, first_line
 
 CHECKPOINT_SUBDIR = "checkpoints"

@@ -25,7 +25,8 @@ from common.backend import Backend, DistInfo
 from common.checkpoints import (CheckpointError, CheckpointMeta, check_model_matches, code_version, latest_checkpoint,
                                 read_meta, resolve)
 from common.usage import InputError
-from common.config import Config, ConfigError, DataConfig, build_parser, parse_args, validate
+from common.config import Config, ConfigError, DataConfig, validate
+from common.config_files import build_parser, parse_args
 from common.data import DataError, DataLoader, loader_for, val_batches_for
 from common.hellaswag import HellaSwagError, load_examples
 from common.levers import Levers

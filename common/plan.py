@@ -11,8 +11,9 @@ import math
 import sys
 from dataclasses import dataclass
 
-from common.config import (PARALLELISMS, Config, ConfigError, ModelConfig, build_parser, grad_accum_steps,
-                           parse_args, shard_group_size, validate)
+from common.config import PARALLELISMS, Config, ConfigError, ModelConfig, grad_accum_steps, shard_group_size, validate
+
+from common.config_files import build_parser, parse_args
 from common.names import param_shapes
 from common.precision import PRECISIONS
 from common.usage import UsageError

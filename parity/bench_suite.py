@@ -22,7 +22,8 @@ from bench import pairwise
 from bench.pairwise import bench, bench_config
 from bench.trainee import BACKENDS
 from bench.workers import allocator_env
-from common.config import Config, ConfigError, dump_toml
+from common.config import Config, ConfigError
+from common.config_files import dump_toml
 from common.cpuinfo import cpuinfo_field
 from common.levers import usable_cpu_ids, usable_cpus
 from common.loop import ensure_data

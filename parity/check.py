@@ -23,7 +23,8 @@ from typing import Any, Callable
 import numpy as np
 
 from common.usage import InputError, Parser
-from common.config import ConfigError, apply_overrides, load_toml, parse_overrides, resolve_config_path, validate
+from common.config import ConfigError, validate
+from common.config_files import apply_overrides, load_toml, parse_overrides, resolve_config_path
 from common.data import DataLoader
 from common.loop import ensure_data
 from common.outdir import output_file, write_output

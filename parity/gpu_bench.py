@@ -24,7 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common.config import dump_toml, grad_accum_steps, load_toml
+from common.config import grad_accum_steps
+
+from common.config_files import dump_toml, load_toml
 from common.plan import flops_per_token
 from common.usage import first_line
 from parity.gpu_options import ROOT, Options, child_env

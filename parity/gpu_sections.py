@@ -17,7 +17,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from common.config import Config, apply_overrides, load_toml, resolve_config_path, validate
+from common.config import Config, validate
+
+from common.config_files import apply_overrides, load_toml, resolve_config_path
 from common.usage import first_line
 from parity.gpu_options import REPORT_JSON, Options
 

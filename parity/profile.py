@@ -36,7 +36,8 @@ from bench.pairwise import bench_config, parse_backends
 from bench.trainee import BACKENDS, TRAINEES
 from common.backend import load_backend
 from common.benchtiming import SHAPES
-from common.config import Config, ConfigError, dump_toml, load_toml
+from common.config import Config, ConfigError
+from common.config_files import dump_toml, load_toml
 from common.loop import ensure_data
 from common.usage import InputError
 from common.outdir import output_file, write_output

@@ -20,7 +20,8 @@ import numpy as np
 
 from bench import workers
 from common.checkpoints import CheckpointMeta
-from common.config import Config, dump_toml
+from common.config import Config
+from common.config_files import dump_toml
 from common.names import init_weights
 from common.portable import read_portable
 from parity.compare import Tolerances, make_loader, start_pair, tensor_diffs, update_rel

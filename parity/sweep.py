@@ -28,7 +28,8 @@ from bench.trainee import BACKENDS
 from common.backend import load_backend
 from common.benchtiming import DEFAULT_SHAPE, SHAPES, random_tokens, shaped_config
 from common.usage import Parser, UsageError
-from common.config import Config, ConfigError, dump_toml, load_toml, validate
+from common.config import Config, ConfigError, validate
+from common.config_files import dump_toml, load_toml
 from common.usage import first_line
 
 EXIT_OOM, EXIT_GUARD = 3, 4

@@ -9,7 +9,7 @@ import pytest
 from bench import pairwise
 from bench.workers import MAKEFILE_TUNABLES
 from conftest import tiny_config
-from common.config import load_toml
+from common.config_files import load_toml
 from parity import bench
 from parity import bench_suite as suite
 

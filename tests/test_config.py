@@ -2,8 +2,11 @@ import dataclasses
 
 import pytest
 
-from common.config import (CONFIG_DIR, Config, ConfigError, apply_overrides, config_from_dict, grad_accum_steps,
-                           load_toml, model_shape_diff, parse_args, resolve_config_path, validate)
+from common.config import Config, ConfigError, grad_accum_steps, model_shape_diff, validate
+
+from common.config_files import (CONFIG_DIR, apply_overrides, config_from_dict, load_toml, parse_args,
+
+                                 resolve_config_path)
 from common.plan import flops_per_token, main as plan_main, make_plan, num_params
 
 
@@ -134,7 +137,7 @@ def test_dump_toml_round_trips(tmp_path):
     cfg = apply_overrides(load_toml(resolve_config_path("gpt2-124m")),
                           ["--run.sample_prompt", 'say "hi"\n', "--optim.betas", "0.8,0.9"])
     path = tmp_path / "c.toml"
-    from common.config import dump_toml
+    from common.config_files import dump_toml
     path.write_text(dump_toml(cfg))
     assert load_toml(path) == cfg
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from bench import pairwise
-from common.config import Config, ConfigError, apply_overrides, load_toml, resolve_config_path, shard_group_size, validate
+from common.config import Config, ConfigError, shard_group_size, validate
+from common.config_files import apply_overrides, load_toml, resolve_config_path
 from common.plan import GIB, device_memory, main as plan_main, num_params
 from conftest import with_run
 from parity import bench

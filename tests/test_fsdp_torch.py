@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from common.checkpoints import complete_checkpoints, latest_checkpoint
-from common.config import Config, dump_toml, load_toml
+from common.config import Config
+from common.config_files import dump_toml, load_toml
 from common.loop import NonFiniteError, train
 from conftest import twenty_step_config, with_optim, with_run
 from helpers import PoisonedAt, assert_same_steps, quiet, run_python

@@ -76,7 +76,7 @@ def test_missing_weight_decay_mask_fails_on_the_loss(tiny_shards, monkeypatch):
 
 
 def test_cli_writes_json_and_exits_1_on_failure(tiny_shards, tmp_path, monkeypatch, capsys):
-    from common.config import dump_toml
+    from common.config_files import dump_toml
     cfg = stream(tiny_config(tiny_shards, max_steps=3))
     path = tmp_path / "tiny.toml"
     path.write_text(dump_toml(cfg))

@@ -14,7 +14,7 @@ import pytest
 from bench import pairwise, plain_jax, plain_torch, vs_plain
 from common.backend import DistInfo, load_backend
 from bench.workers import MAKEFILE_TUNABLES
-from common.config import dump_toml
+from common.config_files import dump_toml
 from common.data import loader_for
 from conftest import tiny_config, with_optim
 from parity import bench as cli

@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from common.config import dump_toml
+from common.config_files import dump_toml
 from conftest import tiny_config
 from parity import sweep
 
