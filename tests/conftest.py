@@ -14,6 +14,8 @@ from common.config import Config, DataConfig, ModelConfig, OptimConfig, RunConfi
 from common.shards import write_shard
 
 TINY_VOCAB = 256
+# Documents for common.prepare's tests: empty, multi-line, non-ASCII, and the EOT marker as plain text.
+DOCS = ["Hello world", "Second document.\nWith two lines.", "<|endoftext|> is text here", "", "中文 🚀"]
 
 # One JAX compilation cache for this test session (and its subprocesses), not the user's ~/.cache.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="gpt2-twin-jax-cache-"))
@@ -81,3 +83,14 @@ def fault_world(tiny_shards, tmp_path_factory):
     from faults import build_world
 
     return build_world(tmp_path_factory.mktemp("fault-world"), tiny_shards)
+
+
+@pytest.fixture
+def txt_dir(tmp_path):
+    """A folder of DOCS as .txt files, named in DOCS order, one in a subfolder, beside a file prepare skips."""
+    src = tmp_path / "corpus"
+    (src / "sub").mkdir(parents=True)
+    for i, text in enumerate(DOCS):
+        (src / ("sub" if i == 4 else ".") / f"{i}.txt").write_text(text, encoding="utf-8")
+    (src / "ignored.bin").write_bytes(b"\xff")
+    return src

@@ -11,11 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from common import prepare as P
+from common import shard_writing as W
 from common.shards import read_header, read_shard
 from common.tokenizer import EOT, encode
+from conftest import DOCS
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = ["Hello world", "Second document.\nWith two lines.", "<|endoftext|> is text here", "", "中文 🚀"]
 
 
 def expected_stream(texts):
@@ -52,16 +53,6 @@ def expected_layout(texts, val_tokens, seed=P.DEFAULT_SEED, shuffle=True):
     k = int(np.argmax(cum >= val_tokens)) + 1 if val_tokens else 0
     train = order[k:] if shuffle else np.sort(order[k:])
     return [docs[i] for i in order[:k]], [docs[i] for i in train], [int(i) for i in order[:k]]
-
-
-@pytest.fixture
-def txt_dir(tmp_path):
-    src = tmp_path / "corpus"
-    (src / "sub").mkdir(parents=True)
-    for i, text in enumerate(DOCS):  # names sort in DOCS order, one in a subfolder
-        (src / ("sub" if i == 4 else ".") / f"{i}.txt").write_text(text, encoding="utf-8")
-    (src / "ignored.bin").write_bytes(b"\xff")
-    return src
 
 
 def run(*argv):
@@ -124,7 +115,7 @@ def test_jsonl_and_parquet(tmp_path):
 
 
 def test_worker_count_does_not_change_bytes(tmp_path, monkeypatch):
-    monkeypatch.setattr(P, "CHUNK_CHARS", 40)  # many chunks, so both workers get some
+    monkeypatch.setattr(W, "CHUNK_CHARS", 40)  # many chunks, so both workers get some
     texts = [f"document {i}: " + "lorem ipsum " * (i % 7) for i in range(200)]
     outs = []
     for workers in (1, 2):
@@ -137,25 +128,6 @@ def test_worker_count_does_not_change_bytes(tmp_path, monkeypatch):
         assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes()
     val, train, _ = expected_layout(texts, 100)
     assert read_all(outs[0])[1] == sum(val + train, [])
-
-
-def test_rerun_is_noop_and_interrupted_run_completes(tmp_path, txt_dir, capsys):
-    out = tmp_path / "out"
-    args = ("--input", txt_dir, "--out", out, "--val-tokens", 5, "--shard-size", 7, "--workers", 1)
-    assert run(*args) == 0
-    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()}
-    capsys.readouterr()
-    assert run(*args) == 0
-    assert "already prepared" in capsys.readouterr().out
-    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()} == before
-
-    (out / "manifest.json").unlink()  # as if killed before the end
-    (out / "corpus_train_000002.bin").unlink()
-    (out / "corpus_train_000003.bin.tmp").write_bytes(b"partial")
-    (out / "corpus_train_000099.bin").write_bytes(b"stale")
-    assert run(*args) == 0
-    after = {p.name: p.read_bytes() for p in out.iterdir()}
-    assert after == {name: data for name, (_, data) in before.items()}
 
 
 def test_missing_input_exit_2(tmp_path, capsys):
@@ -191,81 +163,6 @@ def test_bad_jsonl_line_exit_2(tmp_path, capsys, workers):
     assert (tmp_path / "empty").is_dir()
 
 
-def test_a_run_waiting_on_a_refused_run_keeps_the_folder_to_itself(tmp_path, monkeypatch, capsys):
-    """A refused run removes the folder it made, lock file included, while a second run waits for its lock:
-    the second run makes the folder and lock again, and a third run still has to wait for it."""
-    import fcntl
-    import threading
-    import time
-
-    go, out, src = threading.Event(), tmp_path / "o", tmp_path / "a.txt"
-    src.write_text("hello\n")
-
-    def documents(paths, field):
-        yield "a first document"
-        go.wait(10)
-        raise P.PrepareError("a bad row mid-stream")
-
-    monkeypatch.setattr(P, "input_documents", documents)
-    refused = threading.Thread(target=P.main, args=(["--input", str(src), "--out", str(out), "--workers", "1"],))
-    refused.start()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:  # until the refused run holds its lock
-        if (out / ".prepare.lock").exists():
-            with open(out / ".prepare.lock", "a") as probe:
-                try:
-                    fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    break
-        threading.Event().wait(0.01)
-    else:
-        pytest.fail("the refused run never took its lock")
-    held, release = threading.Event(), threading.Event()
-
-    def waiting_run():
-        with P._locked(out):
-            held.set()
-            release.wait(10)
-
-    waiter = threading.Thread(target=waiting_run)
-    waiter.start()
-    go.set()
-    refused.join(10)
-    assert held.wait(10) and out.is_dir()
-    with open(out / ".prepare.lock", "a") as third, pytest.raises(BlockingIOError):
-        fcntl.flock(third, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    release.set()
-    waiter.join(10)
-    assert "a bad row mid-stream" in capsys.readouterr().err
-
-
-def test_a_failed_redo_keeps_the_last_preparation(tmp_path, txt_dir, capsys):
-    out = tmp_path / "out"
-    assert run("--input", txt_dir, "--out", out, "--name", "corpus", "--val-tokens", 5, "--shard-size", 7) == 0
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": "fine"}\n{not json\n')
-    capsys.readouterr()
-    assert run("--input", bad, "--out", out, "--name", "corpus", "--force") == 2
-    assert "bad.jsonl:2: not valid JSON" in error_line(capsys)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # staging gone, old shards untouched
-    # A killed redo's staging folder goes with the next run, even one that finds the folder prepared.
-    (out / ".corpus.staging").mkdir()
-    (out / ".corpus.staging" / "corpus_train_000001.bin").write_bytes(b"partial")
-    assert run("--input", txt_dir, "--out", out, "--name", "corpus") == 0
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-
-
-def test_a_run_stopped_before_its_first_shard_leaves_nothing(tmp_path, txt_dir, monkeypatch):
-    def stopped():
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(P, "get_tokenizer", stopped)
-    with pytest.raises(KeyboardInterrupt):
-        P.main(["--input", str(txt_dir), "--out", str(tmp_path / "out")])
-    assert not (tmp_path / "out").exists()
-
-
 def test_negative_seed_exit_2(tmp_path, txt_dir, capsys):
     assert run("--input", txt_dir, "--out", tmp_path / "out", "--seed", -3) == 2
     assert error_line(capsys) == "error: --seed must be >= 0 (got -3)"
@@ -293,22 +190,6 @@ def test_stdlib_documents():
     assert any(r.endswith("/os.py") for r in rel)
 
 
-def test_ensure_default_data(tmp_path, monkeypatch):
-    # the real corpus takes a few seconds on 2 cores; a slice of it tests the same path
-    small = [p for p in P.stdlib_documents() if p.name in ("this.py", "keyword.py", "bisect.py")]
-    monkeypatch.setattr(P, "stdlib_documents", lambda: small)
-    monkeypatch.setattr(P, "STDLIB_VAL_TOKENS", 100)
-    folder = P.ensure_default_data(tmp_path / "stdlib")
-    m, stream = read_all(folder)
-    assert m["name"] == "stdlib" and m["source"]["kind"] == "python-stdlib"
-    assert m["totals"]["documents"] == len(small) == 3
-    assert [s["split"] for s in m["shards"]] == ["val", "train"]
-    mtime = (folder / "manifest.json").stat().st_mtime_ns
-    assert P.ensure_default_data(folder) == folder
-    assert (folder / "manifest.json").stat().st_mtime_ns == mtime
-
-
-
 def test_workers_do_not_fork_a_process_that_loaded_jax(tmp_path):
     """The trainers prepare the default corpus after importing JAX, which warns (RuntimeWarning) that
     os.fork() may deadlock; the workers then come from a forkserver, with the same bytes."""
@@ -316,10 +197,10 @@ def test_workers_do_not_fork_a_process_that_loaded_jax(tmp_path):
 import warnings
 import jax  # noqa: F401  (its at-fork hook warns on os.fork)
 warnings.simplefilter("error")
-from common import prepare as P
-P.CHUNK_CHARS = 40
+from common import prepare as P, shard_writing as W
+W.CHUNK_CHARS = 40
 texts = [f"document {{i}}: " + "lorem ipsum " * (i % 7) for i in range(200)]
-assert P._pool_context().get_start_method() == "forkserver"
+assert W.pool_context().get_start_method() == "forkserver"
 P.prepare(texts, {str(tmp_path / 'w2')!r}, "d", shard_size=300, val_tokens=100, workers=2, verbose=False)
 """
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
@@ -358,7 +239,7 @@ def test_document_order_and_val_sample(tmp_path):
 
 def test_unshuffled_val_comes_from_the_head(tmp_path, monkeypatch):
     """--no-shuffle streams: only the first VAL_POOL × val_tokens tokens are held to draw val from."""
-    monkeypatch.setattr(P, "CHUNK_CHARS", 40)
+    monkeypatch.setattr(W, "CHUNK_CHARS", 40)
     texts = distinct_texts(300)
     docs = split_documents(expected_stream(texts))
     m = P.prepare(texts, tmp_path, "d", shard_size=500, val_tokens=100, workers=1, verbose=False, shuffle=False)
@@ -381,24 +262,6 @@ def test_hf_keeps_its_order_unless_asked(tmp_path, monkeypatch):
         assert m["split"]["shuffled"] is shuffled and m["split"]["seed"] == P.DEFAULT_SEED
         assert (documents_of(out, "train") == [d for d in split_documents(expected_stream(texts))
                                                if d not in documents_of(out, "val")]) is not shuffled
-
-
-def test_older_preparation_is_kept_by_the_cli_and_redone_for_the_default(tmp_path, monkeypatch, capsys):
-    small = [p for p in P.stdlib_documents() if p.name in ("this.py", "keyword.py", "bisect.py")]
-    monkeypatch.setattr(P, "stdlib_documents", lambda: small)
-    monkeypatch.setattr(P, "STDLIB_VAL_TOKENS", 100)
-    folder = P.ensure_default_data(tmp_path / "stdlib")
-    assert P.is_current(folder)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    del manifest["split"]  # as written before the split rule was recorded
-    (folder / "manifest.json").write_text(json.dumps(manifest))
-    assert not P.is_current(folder)
-    capsys.readouterr()
-    assert run("--out", folder) == 0  # an explicit folder: kept, with a note
-    assert "older rule" in capsys.readouterr().out and not P.is_current(folder)
-    P.ensure_default_data(folder)  # the trainers' default corpus: prepared again, once
-    assert P.is_current(folder) and "preparing it again" in capsys.readouterr().out
-    assert json.loads((folder / "manifest.json").read_text())["split"]["drawn_from_documents"] == 3
 
 
 def test_empty_input_is_an_error_naming_it(tmp_path, capsys):
