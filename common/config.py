@@ -21,7 +21,7 @@ MAX_HOST_DEVICES = 1024
 PARALLELISMS = ("ddp", "fsdp")  # run.parallel
 LEVER_MODES = ("auto", "probe", "fixed")  # run.levers (common/levers.py)
 GEMM_PATHS = ("auto", "aten", "onednn", "xla")  # run.cpu_gemm: torch takes aten or onednn, JAX xla
-AUTO_CHUNK_ROWS = -1  # model.loss_chunk_rows: the machine's choice (common/levers.py)
+AUTO_CHUNK_ROWS = -1  # run.loss_chunk_rows: the machine's choice (common/levers.py)
 
 
 class ConfigError(InputError):
@@ -38,10 +38,6 @@ class ModelConfig:
     n_embd: int = 128  # width of the residual stream
     dropout: float = 0.0  # on attention weights, after each residual branch and on the embeddings
     bias: bool = True  # biases in the linear layers and LayerNorms, as GPT-2 has them
-    # Rows of (B·T) per chunk of the fused tied head + cross-entropy in training; 0 materialises the full
-    # (B·T, padded_vocab_size) logits; -1 lets the machine choose (a lever: common/levers.py). A compute
-    # choice, not a shape: checkpoints move freely between values.
-    loss_chunk_rows: int = AUTO_CHUNK_ROWS
 
 
 @dataclass(frozen=True)
@@ -105,6 +101,10 @@ class RunConfig:
     levers: str = "auto"
     threads: int = 0  # the framework's CPU threads (torch's intra-op threads; JAX: the CPUs XLA may use); 0 = the machine's choice
     cpu_gemm: str = "auto"  # the fp32 GEMM library on CPUs: torch aten (MKL) or onednn, JAX xla; auto = the machine's choice
+    # Rows of (B·T) per chunk of the fused tied head + cross-entropy in training; 0 materialises the full
+    # (B·T, padded_vocab_size) logits; -1 lets the machine choose (a lever). A compute choice, not a shape:
+    # checkpoints move freely between values.
+    loss_chunk_rows: int = AUTO_CHUNK_ROWS
 
 
 @dataclass(frozen=True)
@@ -143,9 +143,6 @@ def validate_model(m: ModelConfig, names: Mapping[str, str] | None = None) -> Mo
     if m.padded_vocab_size < m.vocab_size:
         raise ConfigError(f"{name('padded_vocab_size')} ({m.padded_vocab_size}) is smaller than "
                           f"{name('vocab_size')} ({m.vocab_size})")
-    if m.loss_chunk_rows < AUTO_CHUNK_ROWS:
-        raise ConfigError(f"{name('loss_chunk_rows')} must be ≥ 0 (0 = unfused head) or -1 (the machine's choice), "
-                          f"got {m.loss_chunk_rows}")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"{name('dropout')} must be in [0, 1), got {m.dropout}")
     return m
@@ -195,6 +192,9 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
                  "num_samples", "sample_tokens", "top_k", "temperature", "peak_tflops"):
         if getattr(r, name) < 0:
             raise ConfigError(f"run.{name} must be ≥ 0, got {getattr(r, name)}")
+    if r.loss_chunk_rows < AUTO_CHUNK_ROWS:
+        raise ConfigError(f"run.loss_chunk_rows must be ≥ 0 (0 = unfused head) or -1 (the machine's choice), "
+                          f"got {r.loss_chunk_rows}")
     if r.threads < 0:
         raise ConfigError(f"run.threads must be ≥ 0 (0 = the machine's choice), got {r.threads}")
     if r.parallel == "ddp" and r.fsdp_size > 1:
@@ -225,4 +225,4 @@ def shard_group_size(cfg: Config, world_size: int, parallel: str | None = None) 
 def model_shape_diff(a: ModelConfig, b: ModelConfig) -> list[str]:
     """Fields that change the parameter shapes or the function computed (refused on resume)."""
     return [f"model.{f.name}" for f in dataclasses.fields(ModelConfig)
-            if f.name not in ("dropout", "loss_chunk_rows") and getattr(a, f.name) != getattr(b, f.name)]
+            if f.name != "dropout" and getattr(a, f.name) != getattr(b, f.name)]

@@ -20,6 +20,8 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = "default"
 # Fields older versions wrote into checkpoints' meta.json and that no longer exist: skipped when reading one.
 RETIRED = {("run", "progress")}
+# Fields older versions wrote under another name: read into their new place.
+MOVED = {("model", "loss_chunk_rows"): ("run", "loss_chunk_rows")}
 
 
 def _coerce(value: Any, default: Any, where: str) -> Any:
@@ -147,7 +149,7 @@ def config_from_dict(d: dict[str, Any]) -> Config:
     for section, table in d.items():
         for key, value in table.items():
             if (section, key) not in RETIRED:
-                cfg = _apply(cfg, section, key, value, "checkpoint config")
+                cfg = _apply(cfg, *MOVED.get((section, key), (section, key)), value, "checkpoint config")
     return cfg
 
 

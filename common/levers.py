@@ -129,9 +129,9 @@ def entry_key(cfg: Config) -> str:
 
 
 def config_choices(cfg: Config) -> dict[str, Choice]:
-    """The levers every backend reads from the config alike (model.loss_chunk_rows ≥ 0)."""
-    if cfg.model.loss_chunk_rows != AUTO_CHUNK_ROWS:
-        return {"loss_chunk_rows": Choice(cfg.model.loss_chunk_rows, "config")}
+    """The levers every backend reads from the config alike (run.loss_chunk_rows ≥ 0)."""
+    if cfg.run.loss_chunk_rows != AUTO_CHUNK_ROWS:
+        return {"loss_chunk_rows": Choice(cfg.run.loss_chunk_rows, "config")}
     return {}
 
 
@@ -152,9 +152,8 @@ def timings_record(seconds: Mapping[Any, Sequence[float]]) -> dict[str, list[flo
 
 
 def configured(cfg: Config, chosen: Levers) -> Config:
-    """`cfg` with model.loss_chunk_rows the chosen one (the model reads it from its config)."""
-    model = dataclasses.replace(cfg.model, loss_chunk_rows=int(chosen.value("loss_chunk_rows")))
-    return dataclasses.replace(cfg, model=model)
+    """`cfg` with run.loss_chunk_rows the chosen one, which the trainers build their models with."""
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, loss_chunk_rows=int(chosen.value("loss_chunk_rows"))))
 
 
 def lever_mode(cfg: Config) -> str:

@@ -96,7 +96,7 @@ def device_memory(cfg: Config, world_size: int, parallel: str) -> dict[str, int]
     recomputation, per layer and token 16·C values (Korthikanti et al. 2022 with fused attention and
     no dropout masks): the two LayerNorm inputs in the parameter dtype (the residual stream), the rest
     in the compute dtype; plus the head's fp32 logits and their gradient, for all rows or one chunk
-    of model.loss_chunk_rows (all rows when the machine chooses: the most it can be). Allocator slack,
+    of run.loss_chunk_rows (all rows when the machine chooses: the most it can be). Allocator slack,
     workspaces and the framework itself come on top.
     """
     m, p = cfg.model, PRECISIONS[cfg.run.dtype]
@@ -105,7 +105,7 @@ def device_memory(cfg: Config, world_size: int, parallel: str) -> dict[str, int]
     shards = shard_group_size(cfg, world_size, parallel)
     block = sum(math.prod(shape) for name, shape in param_shapes(m).items() if name.startswith("h.0."))
     tokens = cfg.optim.micro_batch_size * m.block_size
-    rows = tokens if m.loss_chunk_rows <= 0 else min(tokens, m.loss_chunk_rows)
+    rows = tokens if cfg.run.loss_chunk_rows <= 0 else min(tokens, cfg.run.loss_chunk_rows)
     return {
         "parameters": n * pb // shards,
         "gradients": n * pb // shards,

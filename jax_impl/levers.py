@@ -27,7 +27,7 @@ NAMES = ("gemm", "head_gemm", "loss_chunk_rows", "threads", "allocator")
 
 
 def explicit_choices(cfg: Config) -> dict[str, Choice]:
-    """The levers the config sets (model.loss_chunk_rows ≥ 0, run.threads > 0, run.cpu_gemm)."""
+    """The levers the config sets (run.loss_chunk_rows ≥ 0, run.threads > 0, run.cpu_gemm)."""
     out = levers.config_choices(cfg)
     if cfg.run.cpu_gemm != "auto":
         if cfg.run.cpu_gemm != "xla":

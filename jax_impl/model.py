@@ -182,6 +182,7 @@ class GPT(nn.Module):
     param_dtype: Dtype = jnp.float32
     attention: str = "blocked"  # jax_impl.ops.ATTENTIONS; jax_impl.ops.attention_for picks it per platform
     scan_layers: bool = True  # scan_layers_for picks it per platform
+    loss_chunk_rows: int = 0  # run.loss_chunk_rows of the run: rows per chunk of GPT.loss's fused head; 0 = full logits
 
     def setup(self):
         cfg = self.cfg
@@ -208,10 +209,10 @@ class GPT(nn.Module):
         return self.head(self.features(idx, train))
 
     def loss(self, idx, targets, train: bool = False, chunk_rows: int | None = None):
-        """Mean cross-entropy of the next tokens; with chunk_rows > 0 (default model.loss_chunk_rows) the
+        """Mean cross-entropy of the next tokens; with chunk_rows > 0 (default: the module's loss_chunk_rows) the
         head and loss run fused over row chunks and the (B·T, V) logits never exist."""
         h = self.features(idx, train)
-        chunk_rows = self.cfg.loss_chunk_rows if chunk_rows is None else chunk_rows
+        chunk_rows = self.loss_chunk_rows if chunk_rows is None else chunk_rows
         if chunk_rows <= 0:
             return lm_loss(self.head(h), targets, self.cfg.vocab_size)
         return chunked_lm_loss(h.reshape(-1, h.shape[-1]), self.wte.weight, targets.reshape(-1),

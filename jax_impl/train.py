@@ -57,7 +57,8 @@ class TrainState:
 def compiled_part(cfg: Config) -> Config:
     """The fields the jitted functions depend on (model, optimizer, dtype); runs that differ only in
     paths, intervals or seed share one Runtime and its compiled programs."""
-    return dataclasses.replace(cfg, data=DataConfig(), run=RunConfig(dtype=cfg.run.dtype))
+    return dataclasses.replace(cfg, data=DataConfig(),
+                               run=RunConfig(dtype=cfg.run.dtype, loss_chunk_rows=cfg.run.loss_chunk_rows))
 
 
 class Runtime:
@@ -69,7 +70,7 @@ class Runtime:
         platform = mesh.devices.flat[0].platform
         self.model = GPT(cfg.model, dtype=self.dtype, param_dtype=self.param_dtype,
                          attention=attention_for(platform, self.dtype, cfg.model.dropout),
-                         scan_layers=scan_layers_for(platform))
+                         scan_layers=scan_layers_for(platform), loss_chunk_rows=cfg.run.loss_chunk_rows)
         self.replicated = dist.replicated(mesh)
         self.batch_sharding, self.eval_sharding = dist.batch_sharding(mesh), dist.eval_sharding(mesh)
         self.lr = lr_schedule(cfg.optim, self.param_dtype)

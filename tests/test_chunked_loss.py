@@ -5,7 +5,6 @@ rows are not a multiple of the chunk of 8, so the remainder chunk is exercised t
 """
 from __future__ import annotations
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +16,7 @@ from common.config import ModelConfig
 from common.names import init_weights
 from jax_impl import loss as jl
 from jax_impl import model as jm
+from jax_impl.layout import flatten
 from torch_impl import loss as tl
 from torch_impl import model as tm
 
@@ -141,8 +141,8 @@ def test_jax_model_loss_method_matches_logits_path():
     chunked, g_chunked = grad(params, 20)
     assert float(full) == pytest.approx(float(jl.lm_loss(model.apply({"params": params}, idx), targets, V)), rel=1e-6)
     assert float(chunked) == pytest.approx(float(full), rel=1e-6)
-    for k, g in jm.flatten(g_full).items():
-        assert rel(jm.flatten(g_chunked)[k], g) <= 1e-5, k
+    for k, g in flatten(g_full).items():
+        assert rel(flatten(g_chunked)[k], g) <= 1e-5, k
 
 
 @pytest.mark.parametrize("backend", ["torch", "jax"])
@@ -165,26 +165,24 @@ def test_chunked_loss_under_bf16_stays_close_to_unfused(backend):
     assert chunked == pytest.approx(full, rel=1e-6 if backend == "torch" else 1e-3)
 
 
-def test_model_loss_chunk_rows_config_selects_the_path_in_both_backends():
-    unfused = dataclasses.replace(CFG, loss_chunk_rows=0)
-    chunked = dataclasses.replace(CFG, loss_chunk_rows=CHUNK)
+def test_model_loss_chunk_rows_selects_the_path_in_both_backends():
     idx = np.random.default_rng(1).integers(0, V, (3, 16))
     targets = np.random.default_rng(2).integers(0, V, (3, 16))
-    model = tm.GPT(unfused).train()
-    assert model.loss_chunk_rows == 0 and tm.GPT(chunked).loss_chunk_rows == CHUNK
+    model = tm.GPT(CFG).train()
+    assert model.loss_chunk_rows == 0  # until a trainer sets its run.loss_chunk_rows: the full logits
     logits, _ = model(torch.tensor(idx), torch.tensor(targets))
     assert logits.shape == (3, 16, VP)  # the unfused path materialises the logits
-    # A config the levers have not resolved (-1: the trainers choose per machine) computes the full logits.
-    assert CFG.loss_chunk_rows == -1 and tm.GPT(CFG).train()(torch.tensor(idx), torch.tensor(targets))[0] is not None
-    assert tm.GPT(chunked).train()(torch.tensor(idx), torch.tensor(targets))[0] is None
+    model.loss_chunk_rows = CHUNK
+    assert model(torch.tensor(idx), torch.tensor(targets))[0] is None
     params = jm.from_common(init_weights(CFG, 0), CFG)
 
-    def jax_loss(cfg, **kw):
-        return float(jm.GPT(cfg).apply({"params": params}, jnp.asarray(idx), jnp.asarray(targets),
-                                       method=jm.GPT.loss, **kw))
+    def jax_loss(rows, **kw):
+        return float(jm.GPT(CFG, loss_chunk_rows=rows).apply({"params": params}, jnp.asarray(idx),
+                                                             jnp.asarray(targets), method=jm.GPT.loss, **kw))
 
-    assert jax_loss(unfused) == jax_loss(chunked, chunk_rows=0) == jax_loss(CFG)
-    assert jax_loss(chunked) == jax_loss(unfused, chunk_rows=CHUNK)
+    assert jax_loss(0) == jax_loss(CHUNK, chunk_rows=0) == float(
+        jm.GPT(CFG).apply({"params": params}, jnp.asarray(idx), jnp.asarray(targets), method=jm.GPT.loss))
+    assert jax_loss(CHUNK) == jax_loss(0, chunk_rows=CHUNK)
 
 
 def test_torch_chunked_loss_refuses_a_second_backward_over_its_spent_gradients():

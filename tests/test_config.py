@@ -144,11 +144,15 @@ def test_dump_toml_round_trips(tmp_path):
 
 def test_loss_chunk_rows_is_a_compute_choice_not_a_shape():
     cfg = Config()
-    other = apply_overrides(cfg, ["--model.loss_chunk_rows", "0"])
-    assert other.model.loss_chunk_rows == 0 and model_shape_diff(cfg.model, other.model) == []
-    assert validate(apply_overrides(cfg, ["--model.loss_chunk_rows", "-1"])).model.loss_chunk_rows == -1  # the machine's
-    with pytest.raises(ConfigError, match="model.loss_chunk_rows must be ≥ 0"):
-        validate(apply_overrides(cfg, ["--model.loss_chunk_rows", "-2"]))
+    other = apply_overrides(cfg, ["--run.loss_chunk_rows", "0"])
+    assert other.run.loss_chunk_rows == 0 and model_shape_diff(cfg.model, other.model) == []
+    assert validate(apply_overrides(cfg, ["--run.loss_chunk_rows", "-1"])).run.loss_chunk_rows == -1  # the machine's
+    with pytest.raises(ConfigError, match="run.loss_chunk_rows must be ≥ 0"):
+        validate(apply_overrides(cfg, ["--run.loss_chunk_rows", "-2"]))
+    # A checkpoint written when the field was model.loss_chunk_rows reads it into run.loss_chunk_rows.
+    old = {**cfg.to_dict(), "model": {**cfg.to_dict()["model"], "loss_chunk_rows": 256}}
+    old["run"] = {k: v for k, v in old["run"].items() if k != "loss_chunk_rows"}
+    assert config_from_dict(old).run.loss_chunk_rows == 256
 
 
 def test_docs_config_md_is_generated_from_the_schema():

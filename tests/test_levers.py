@@ -28,7 +28,7 @@ def fresh(monkeypatch):
 
 
 def cfg_with(mode: str = "auto", chunk: int = -1, peak_tflops: float = 0.0) -> Config:
-    return Config(model=ModelConfig(loss_chunk_rows=chunk), run=RunConfig(levers=mode, peak_tflops=peak_tflops))
+    return Config(run=RunConfig(levers=mode, peak_tflops=peak_tflops, loss_chunk_rows=chunk))
 
 
 class FakeProbe:
@@ -200,7 +200,7 @@ def test_config_values_each_backend_cannot_take_are_refused():
         tl.explicit_choices(Config(run=RunConfig(cpu_gemm="xla")))
     with pytest.raises(ConfigError, match="taskset"):
         jl.explicit_choices(Config(run=RunConfig(threads=levers.this_machine().cpus + 1)))
-    chosen = tl.explicit_choices(Config(model=ModelConfig(loss_chunk_rows=0), run=RunConfig(cpu_gemm="aten", threads=1)))
+    chosen = tl.explicit_choices(Config(run=RunConfig(cpu_gemm="aten", threads=1, loss_chunk_rows=0)))
     assert chosen == {"loss_chunk_rows": Choice(0, "config"), "gemm": Choice("aten", "config"),
                       "head_gemm": Choice("aten", "config"), "threads": Choice(1, "config")}
 
@@ -256,7 +256,7 @@ def test_every_trainer_prints_its_levers_at_start(backend, tiny_shards, tmp_path
     monkeypatch.setenv(levers.MODE_ENV, "fixed")
     lines = []
     cfg = with_run(tiny_config(tiny_shards, tmp_path, max_steps=2, warmup_steps=1), log_interval=1)
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, loss_chunk_rows=0))
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, loss_chunk_rows=0))
     train(backend_of(backend), cfg, log=lambda *a, **k: lines.append(" ".join(map(str, a))))
     header = next(line for line in lines if line.startswith("levers"))
     assert header.startswith(f"levers ({backend}): gemm ") and "loss_chunk_rows 0 [config]" in header

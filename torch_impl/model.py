@@ -88,7 +88,7 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, eps=LN_EPS, bias=cfg.bias)
-        self.loss_chunk_rows = cfg.loss_chunk_rows
+        self.loss_chunk_rows = 0  # run.loss_chunk_rows, set by the trainer: a run's choice, not the model's shape
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:

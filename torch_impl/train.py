@@ -64,6 +64,7 @@ def init_state(cfg: Config, dist_info: DistInfo, weights: dict[str, np.ndarray] 
     source = "initial weights" if weights is not None else "init"
     model = from_common(init_weights(cfg.model, cfg.run.seed) if weights is None else weights, cfg.model,
                         param_dtype, device, source)
+    model.loss_chunk_rows = cfg.run.loss_chunk_rows
     torch.manual_seed(dist.rank_seed(cfg.run.seed, dist_info, 0))
     dist.shard_model(model, cfg, device)  # before compiling, and before the optimizer sees the parameters
     compiled = torch.compile(model) if cfg.run.compile else model
